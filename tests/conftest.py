@@ -9,3 +9,54 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+TINY_TRAIN, TINY_TEST = 400, 80
+
+
+def write_fake_cifar_npz(directory, num_train=TINY_TRAIN, num_test=TINY_TEST, seed=0):
+  """A tiny CIFAR-100 look-alike in the numpy-shard source format.
+
+  Images are smooth colour gradients whose colours depend on the class, so a
+  model has something learnable; labels run 0..99 like the real files.
+  """
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+
+  def images_and_labels(count):
+    labels = (np.arange(count) % 100).astype(np.uint8)
+    ramp = np.linspace(0.0, 1.0, 32, dtype=np.float32)
+    base = rng.uniform(0, 255, size=(100, 1, 1, 3)).astype(np.float32)[labels]
+    slope = rng.uniform(-80, 80, size=(count, 1, 1, 3)).astype(np.float32)
+    images = base + slope * (ramp[None, :, None, None] + ramp[None, None, :, None]) / 2
+    images += rng.normal(0, 8, size=images.shape)
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+  train_images, train_labels = images_and_labels(num_train)
+  shard = num_train // 4
+  for k in range(4):
+    rows = slice(k * shard, (k + 1) * shard)
+    np.savez(directory / f"cifar100_train_{k}of4.npz",
+             train_images=train_images[rows], train_fine_labels=train_labels[rows],
+             train_coarse_labels=train_labels[rows] // 5)
+  test_images, test_labels = images_and_labels(num_test)
+  np.savez(directory / "cifar100_test.npz", test_images=test_images,
+           test_fine_labels=test_labels, test_coarse_labels=test_labels // 5)
+  (directory / "labels.txt").write_text("".join(f"class_{i:02d}\n" for i in range(100)))
+  (directory / "coarse_labels.txt").write_text(
+      "".join(f"super_{i:02d}\n" for i in range(20)))
+  return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  """A prepared TFDS data dir holding the tiny fake CIFAR-100."""
+  from ldm_jax import data
+  root = tmp_path_factory.mktemp("tiny_cifar")
+  source = write_fake_cifar_npz(root / "npz")
+  data_dir = root / "tfds"
+  data.prepare(str(data_dir), str(source),
+               expected_sizes={"train": TINY_TRAIN, "test": TINY_TEST})
+  return str(data_dir)

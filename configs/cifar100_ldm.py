@@ -1,0 +1,58 @@
+"""Stage 2 recipe: class-conditional latent diffusion with the UNet denoiser.
+
+  python train.py --config=configs/cifar100_ldm.py --workdir=runs/ldm \
+      --config.vae_checkpoint=runs/vae
+
+The VAE is restored from its workdir, frozen, and encodes each augmented batch
+on the device. Diffusion follows the original project: 1000 steps, linear betas
+from 1e-4 to 0.02, epsilon prediction; classes are dropped to a learned null
+class 10% of the time so that sampling can use classifier-free guidance.
+"""
+
+import ml_collections
+
+from ldm_jax import config as config_lib
+
+
+def get_config():
+  config = config_lib.base_config()
+  config.stage = "ldm"
+  config.vae_checkpoint = ml_collections.config_dict.placeholder(str)  # A VAE workdir.
+  config.vae_step = ml_collections.config_dict.placeholder(int)  # None = its latest.
+
+  config.diffusion = dict(
+      schedule="linear",
+      num_timesteps=1000,
+      beta_start=1e-4,
+      beta_end=0.02,
+      prediction="eps",
+  )
+  config.ldm = dict(
+      denoiser="unet",
+      latent="spatial",  # What the VAE checkpoint must provide for this denoiser.
+      class_dropout=0.1,
+      ema_decay=0.9999,
+      scale_batches=8,  # Train batches encoded at start to measure the latent scale.
+  )
+  config.unet = dict(
+      channels=128,
+      channel_multipliers=(1, 2, 2),
+      num_res_blocks=2,
+      attention_levels=(1, 2),
+      num_heads=4,
+      context_dim=256,
+      dropout=0.1,
+  )
+
+  config.train.batch_size = 128
+  config.train.num_steps = 200_000
+  config.train.eval_every = 5_000
+  config.train.checkpoint_every = 5_000
+  config.optim.learning_rate = 2e-4
+  config.optim.warmup_steps = 1_000
+  config.eval.num_examples = 2_000
+  config.eval.sampler = "dpm_solver"
+  config.eval.sample_steps = 20
+  config.eval.guidance = 2.0
+  config.eval.picture_classes = 10  # Rows of the sample grid written at each eval.
+  return config

@@ -1,0 +1,116 @@
+"""Config building blocks shared by every recipe in configs/, and config checks.
+
+A recipe (configs/*.py) calls `base_config()` and sets what makes it what it
+is. Keeping the common sections here means a new key appears in every recipe
+at once, and `config_flags` can then reject a mistyped override
+(`--config.train.bach_size=...`) or a wrong type before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import ml_collections
+
+from ldm_jax import data
+
+# Keys that may change between a run and its resumption: how long, how often,
+# where the data lives. Anything else changes the model, the optimisation or
+# the data stream, so resuming under it would silently mix two experiments.
+RESUMABLE_KEYS = (
+    "train.num_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.progress_bar",
+    "eval",
+    "data.data_dir",
+    "data.source",
+    "data.worker_count",
+    "fid",
+    "vae_checkpoint",
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The sections every stage has, with defaults sized for one GPU."""
+  config = ml_collections.ConfigDict()
+  config.stage = ""  # "vae" or "ldm": picks the loss and what eval shows.
+  config.seed = 0
+  config.data = data.default_data_config()
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128  # Global, over all devices and hosts.
+  config.train.num_steps = 100_000
+  config.train.log_every = 100
+  config.train.eval_every = 5_000
+  config.train.checkpoint_every = 5_000
+  config.train.keep_checkpoints = 3  # Latest N; the best by eval loss is kept too.
+  config.train.progress_bar = True
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 2e-4  # Peak, after warmup; cosine decay to end.
+  config.optim.warmup_steps = 1_000
+  config.optim.final_learning_rate_fraction = 0.01
+  config.optim.weight_decay = 0.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.grad_clip_norm = 1.0
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256
+  config.eval.num_examples = ml_collections.config_dict.placeholder(int)  # None = whole split.
+  config.eval.picture_examples = 8  # Columns in the reconstruction / sample picture.
+
+  config.fid = ml_collections.ConfigDict()
+  config.fid.every = 0  # Steps between FID evaluations during training; 0 = off.
+  config.fid.num_samples = 2_048
+  config.fid.weights = ml_collections.config_dict.placeholder(str)
+  return config
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  """{'train.batch_size': 128, ...}: the leaves of a nested config."""
+  items = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  flat = {}
+  for key, value in items.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(flatten(value, name + "."))
+    else:
+      flat[name] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A JSON-ready nested dict (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def incompatible_keys(saved: dict[str, Any], new: ml_collections.ConfigDict,
+                      resumable: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
+  """Keys whose values differ in a way that forbids resuming `saved` as `new`."""
+  old_flat, new_flat = flatten(saved), flatten(to_json(new))
+
+  def may_change(key):
+    return any(key == r or key.startswith(r + ".") for r in resumable)
+
+  keys = sorted(set(old_flat) | set(new_flat))
+  return [k for k in keys
+          if not may_change(k) and old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>")]
+
+
+def check_resumable(saved: dict[str, Any], new: ml_collections.ConfigDict, where: str) -> None:
+  """Refuses to continue a run whose saved config differs in what matters."""
+  bad = incompatible_keys(saved, new)
+  if bad:
+    old_flat, new_flat = flatten(saved), flatten(to_json(new))
+    lines = [f"  {k}: saved {old_flat.get(k, '<absent>')!r}, now {new_flat.get(k, '<absent>')!r}"
+             for k in bad]
+    raise ValueError(
+        f"{where} holds a run with a different config, so it cannot be resumed "
+        "with this one (nothing was changed there):\n" + "\n".join(lines) +
+        "\nUse a new --workdir, or restore those values. Only these may change "
+        f"on resume: {', '.join(RESUMABLE_KEYS)}.")

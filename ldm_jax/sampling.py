@@ -1,0 +1,108 @@
+"""From class labels to decoded images: guided latent sampling, then the VAE.
+
+Used by the LDM stage (pictures and FID during training) and by sample.py.
+Each batch of samples is one compiled program, sharded over the `data` axis.
+The noise is drawn inside it from one key and the global shape, which makes
+the samples independent of how many devices share the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from ldm_jax import diffusion, images, parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  sampler: str = "ddim"
+  num_steps: int | None = 50  # Ignored by 'ddpm', which takes every step.
+  guidance: float = 2.0  # 1 = plain conditional, 0 = unconditional.
+  eta: float = 0.0
+
+  def __post_init__(self):
+    if self.sampler not in diffusion.SAMPLERS:
+      raise ValueError(f"unknown sampler {self.sampler!r}; choose from "
+                       f"{', '.join(sorted(diffusion.SAMPLERS))}")
+    if self.sampler != "ddpm" and (self.num_steps is None or self.num_steps < 1):
+      raise ValueError(f"{self.sampler} needs a positive number of steps, got {self.num_steps}")
+    if self.eta != 0.0 and self.sampler != "ddim":
+      raise ValueError(f"eta applies to the ddim sampler only, not {self.sampler}")
+    if self.eta < 0:
+      raise ValueError(f"eta must be >= 0, got {self.eta}")
+    if self.guidance < 0:
+      raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentDecoder:
+  """What turns a denoiser into images: its graph, the frozen VAE, the schedule."""
+  denoiser_graphdef: nnx.GraphDef
+  vae_graphdef: nnx.GraphDef
+  schedule: diffusion.Schedule
+  latent_shape: tuple[int, ...]
+  num_classes: int
+  prediction: str
+
+  def __hash__(self):  # Used as a static jit argument; one per run is plenty.
+    return id(self)
+
+  def __eq__(self, other):
+    return self is other
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample_batch(decoder: LatentDecoder, settings: SamplerSettings, params, rest, frozen,
+                  labels: jax.Array, rng: jax.Array) -> jax.Array:
+  denoiser = nnx.merge(decoder.denoiser_graphdef, params, rest)
+  denoiser.eval()
+  vae = nnx.merge(decoder.vae_graphdef, frozen["vae"]["params"], frozen["vae"]["rest"])
+  noise_rng, sampler_rng = jax.random.split(rng)
+  z_T = jax.random.normal(noise_rng, labels.shape + decoder.latent_shape)
+  model_fn = diffusion.guided_model_fn(denoiser, labels, decoder.num_classes, settings.guidance)
+  z_0 = diffusion.sample(settings.sampler, model_fn, decoder.schedule, z_T, sampler_rng,
+                         num_steps=settings.num_steps, eta=settings.eta,
+                         prediction=decoder.prediction)
+  return vae.decode(z_0 / frozen["latent_scale"])
+
+
+def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, frozen,
+             labels: np.ndarray, *, seed: int, batch_size: int, mesh: Mesh,
+             progress: bool = False) -> np.ndarray:
+  """uint8 NHWC images, one per label, in the order of `labels`.
+
+  Batch i uses key fold_in(seed, i) and the last batch is padded to the full
+  size, so an image depends only on the seed, its index and `batch_size`.
+  """
+  labels = np.asarray(labels, dtype=np.int32)
+  parallel.check_batch_size(batch_size, mesh)
+  sharding = parallel.batch_sharding(mesh)
+  key = jax.random.PRNGKey(seed)
+  out = []
+  starts = range(0, len(labels), batch_size)
+  for index, start in enumerate(tqdm(starts, desc=f"sampling ({settings.sampler})",
+                                     disable=not progress, unit="batch")):
+    chunk = labels[start:start + batch_size]
+    padded = np.pad(chunk, (0, batch_size - len(chunk)), mode="edge")
+    x = _sample_batch(decoder, settings, params, rest, frozen,
+                      jax.device_put(padded, sharding), jax.random.fold_in(key, index))
+    out.append(images.to_uint8(parallel.gather_to_host(x))[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0,), np.uint8)
+
+
+def balanced_labels(num_images: int, num_classes: int) -> np.ndarray:
+  """0, 1, ..., C-1, 0, 1, ...: every class equally often (FID protocol)."""
+  return np.arange(num_images, dtype=np.int32) % num_classes
+
+
+def rows_for_classes(classes: Iterator[int], per_class: int) -> np.ndarray:
+  return np.repeat(np.asarray(list(classes), dtype=np.int32), per_class)

@@ -1,0 +1,63 @@
+"""What a training stage is: the parts of training that differ between stages.
+
+The loop (ldm_jax/train_loop.py) owns everything else: data, devices, the
+update rule, metrics, checkpoints, resumption. A stage supplies its model, its
+loss, its per-example eval metrics and the picture written at each eval.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+
+class Stage(abc.ABC):
+  """One kind of training run (the VAE, the latent diffusion model)."""
+
+  # Name of the picture written to the workdir at each eval.
+  picture_name: str = "picture.png"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @property
+  def ema_decay(self) -> float | None:
+    """Decay of the parameter average kept in the state; None keeps none."""
+    return None
+
+  @abc.abstractmethod
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The trained model, freshly initialised."""
+
+  def init_frozen(self, batches: Iterator[dict] | None) -> Any:
+    """Untrained arrays the loss needs (may read a few `batches`), or {}.
+
+    With `batches=None` it must still return a tree of the right structure
+    (abstract values are fine): it is used to lay out a restore.
+    """
+    del batches
+    return {}
+
+  @abc.abstractmethod
+  def loss(self, model: nnx.Module, frozen: Any, batch: dict,
+           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss to minimise, and scalar metrics to log."""
+
+  @abc.abstractmethod
+  def eval_metrics(self, model: nnx.Module, frozen: Any, batch: dict,
+                   rng: jax.Array) -> dict[str, jax.Array]:
+    """Per-example (B,) metrics; `loss` among them picks the best checkpoint."""
+
+  @abc.abstractmethod
+  def picture(self, graphdef: nnx.GraphDef, state: Any, batch: dict) -> np.ndarray:
+    """A uint8 (H, W, 3) picture of what the model does on `batch` (host side)."""
+
+  def fid_images(self, graphdef: nnx.GraphDef, state: Any, batches: Iterator[dict],
+                 num_images: int) -> np.ndarray:
+    """uint8 NHWC images to score with FID during training."""
+    raise NotImplementedError(f"{type(self).__name__} has no FID images")

@@ -1,0 +1,147 @@
+"""Stage "ldm": class-conditional diffusion in the latent space of a frozen VAE.
+
+The VAE rides along in the train state's `frozen` part: it is restored once
+from its own workdir, encodes each augmented batch on the device, and is saved
+with every LDM checkpoint, so an LDM workdir alone is enough to sample from.
+Latents are multiplied by `latent_scale` (1 / their std, measured on training
+batches at the start) so that diffusion sees unit-variance data, as the noise
+schedule assumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ldm_jax import data, diffusion, images, models, parallel, sampling
+from ldm_jax.stages import base
+
+# (vae_workdir, step or None) -> (config dict, VAE graphdef, train state).
+VAELoader = Callable[[str, int | None], tuple[dict, nnx.GraphDef, Any]]
+
+
+def vae_model_config(config) -> dict[str, Any]:
+  return dict(config.vae.model)
+
+
+class LDMStage(base.Stage):
+  picture_name = "samples.png"
+
+  def __init__(self, config, load_vae: VAELoader | None = None):
+    super().__init__(config)
+    self._load_vae = load_vae
+    if config.ldm.denoiser not in models.DENOISERS:
+      raise ValueError(f"unknown denoiser {config.ldm.denoiser!r}; choose from "
+                       f"{', '.join(sorted(models.DENOISERS))}")
+    if "vae" not in config:
+      raise ValueError("the LDM config has no `vae` section: set --config.vae_checkpoint "
+                       "to a VAE workdir so its architecture can be read from there")
+    self.vae_graphdef, abstract_vae = _abstract_vae(config)
+    self.latent_shape = tuple(abstract_vae.latent_shape)
+    self.schedule = diffusion.make_schedule(
+        config.diffusion.schedule, config.diffusion.num_timesteps,
+        config.diffusion.beta_start, config.diffusion.beta_end)
+    self.num_classes = config.data.num_classes
+
+  @property
+  def ema_decay(self) -> float:
+    return self.config.ldm.ema_decay
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    name = self.config.ldm.denoiser
+    return models.make_denoiser(name, latent_shape=self.latent_shape,
+                                num_classes=self.num_classes, rngs=rngs,
+                                **self.config[name].to_dict())
+
+  def init_frozen(self, batches: Iterator[dict] | None) -> Any:
+    if batches is None:
+      _, abstract_vae = _abstract_vae(self.config)
+      _, params, rest = nnx.split(abstract_vae, nnx.Param, ...)
+      return dict(vae=dict(params=params, rest=rest),
+                  latent_scale=jax.ShapeDtypeStruct((), jnp.float32))
+    if self._load_vae is None or not self.config.get("vae_checkpoint"):
+      raise ValueError("set --config.vae_checkpoint to the workdir of a trained VAE")
+    _, _, vae_state = self._load_vae(self.config.vae_checkpoint, self.config.get("vae_step"))
+    vae = dict(params=vae_state.eval_params(), rest=vae_state.rest)
+    return dict(vae=vae, latent_scale=self._measure_latent_scale(vae, batches))
+
+  def _measure_latent_scale(self, vae: dict, batches: Iterator[dict]) -> jax.Array:
+    """1 / std of posterior samples over a few training batches."""
+    encode = jax.jit(lambda vae, x, rng: self._encode(dict(vae=vae, latent_scale=1.0), x, rng))
+    samples = []
+    for index, batch in zip(range(self.config.ldm.scale_batches), batches):
+      samples.append(encode(vae, batch["image"], jax.random.PRNGKey(index)))
+    std = float(jnp.std(jnp.stack(samples)))
+    if not np.isfinite(std) or std <= 0:
+      raise ValueError(f"the VAE's latents have std {std}: is the checkpoint sound?")
+    return jnp.float32(1.0 / std)
+
+  def _encode(self, frozen: Any, x: jax.Array, rng: jax.Array) -> jax.Array:
+    vae = nnx.merge(self.vae_graphdef, frozen["vae"]["params"], frozen["vae"]["rest"])
+    mean, logvar = vae.encode(x)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    return jax.lax.stop_gradient(z * frozen["latent_scale"])
+
+  def _per_example_loss(self, model, frozen, batch, rng, class_dropout):
+    encode_rng, dropout_rng, diffusion_rng = jax.random.split(rng, 3)
+    z = self._encode(frozen, batch["image"], encode_rng)
+    labels = batch["label"]
+    if class_dropout > 0:
+      drop = jax.random.bernoulli(dropout_rng, class_dropout, labels.shape)
+      labels = jnp.where(drop, self.num_classes, labels)
+    return diffusion.diffusion_loss(
+        self.schedule, lambda z_t, t: model(z_t, t, labels), z, diffusion_rng,
+        self.config.diffusion.prediction)
+
+  def loss(self, model, frozen, batch, rng):
+    per_example = self._per_example_loss(model, frozen, batch, rng, self.config.ldm.class_dropout)
+    return jnp.mean(per_example), {}
+
+  def eval_metrics(self, model, frozen, batch, rng):
+    return dict(loss=self._per_example_loss(model, frozen, batch, rng, class_dropout=0.0))
+
+  def decoder(self, graphdef: nnx.GraphDef) -> sampling.LatentDecoder:
+    if getattr(self, "_decoder", None) is None or self._decoder.denoiser_graphdef is not graphdef:
+      self._decoder = sampling.LatentDecoder(
+          denoiser_graphdef=graphdef, vae_graphdef=self.vae_graphdef, schedule=self.schedule,
+          latent_shape=self.latent_shape, num_classes=self.num_classes,
+          prediction=self.config.diffusion.prediction)
+    return self._decoder
+
+  def _eval_sampler(self) -> sampling.SamplerSettings:
+    return sampling.SamplerSettings(
+        sampler=self.config.eval.sampler, num_steps=self.config.eval.sample_steps,
+        guidance=self.config.eval.guidance)
+
+  def _generate(self, graphdef, state, labels, batch_size):
+    mesh = parallel.make_mesh()
+    batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    return sampling.generate(
+        self.decoder(graphdef), self._eval_sampler(), state.eval_params(), state.rest,
+        state.frozen, labels, seed=self.config.seed, batch_size=batch_size, mesh=mesh)
+
+  def picture(self, graphdef, state, batch):
+    del batch
+    classes = range(min(self.config.eval.picture_classes, self.num_classes))
+    per_class = self.config.eval.picture_examples
+    labels = sampling.rows_for_classes(classes, per_class)
+    samples = self._generate(graphdef, state, labels, len(labels))
+    names = data.class_names(self.config.data)
+    return images.labelled_rows(
+        [samples[i * per_class:(i + 1) * per_class] for i in classes],
+        [names[c] for c in classes])
+
+  def fid_images(self, graphdef, state, batches, num_images):
+    del batches
+    labels = sampling.balanced_labels(num_images, self.num_classes)
+    return self._generate(graphdef, state, labels, self.config.eval.batch_size)
+
+
+def _abstract_vae(config):
+  abstract = nnx.eval_shape(lambda: models.VAE(**vae_model_config(config), rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return graphdef, abstract

@@ -1,0 +1,36 @@
+"""Trains a stage of ldm-jax (the VAE or the latent diffusion model).
+
+  python train.py --config=configs/cifar100_vae.py --workdir=runs/vae
+  python train.py --config=configs/cifar100_ldm.py --workdir=runs/ldm \
+      --config.vae_checkpoint=runs/vae
+
+Any config value can be overridden (--config.train.batch_size=256); a mistyped
+key or a wrong type stops here, before anything runs. Rerunning a command on
+the same workdir resumes it.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ldm_jax import parallel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file in configs/.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None,
+    "Call jax.distributed.initialize() for a multi-host run "
+    "(default: when LDM_JAX_DISTRIBUTED=1).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  parallel.initialize_distributed(_DISTRIBUTED.value)
+  from ldm_jax import train_loop  # After distributed start-up, which must come first.
+  train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
