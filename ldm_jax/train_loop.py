@@ -197,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         if eval_metrics is not None or step % config.train.checkpoint_every == 0:
           interval_start = time.perf_counter()  # Eval and saving are not training speed.
         if preemption.requested:
-          save(step)
+          if last_saved != step:
+            save(step)
           logging.warning("SIGTERM: saved step %d, exiting; rerun the same command to resume",
                           step)
           break

@@ -9,6 +9,11 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests rebuild the same tiny programs many times (each run jits its own step):
+# a compilation cache shared by the session turns those recompiles into loads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/ldm_jax_test_jax_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest

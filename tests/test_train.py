@@ -1,0 +1,231 @@
+"""The shared training loop: sharding, checkpoints, resumption, failure modes.
+
+Runs are tiny (8-channel VAE, 16-image batches) and share one trained workdir
+per stage through session fixtures; copies are made where a test changes one.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny_vae
+from ldm_jax import checkpoint, config as config_lib, data, parallel, runs, train_loop, train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def vae_config(data_dir, **train):
+  config = tiny_vae.get_config()
+  config.data.data_dir = data_dir
+  config.train.num_steps = 10
+  config.train.log_every = 5
+  config.train.eval_every = 10
+  config.train.checkpoint_every = 5
+  for key, value in train.items():
+    config.train[key] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def vae_workdir(tiny_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("vae_run"))
+  train_loop.train_and_evaluate(vae_config(tiny_data_dir), workdir)
+  return workdir
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def flat_params(state):
+  return jax.tree.leaves(jax.device_get(state.params))
+
+
+def test_run_writes_checkpoints_metrics_and_pictures(vae_workdir):
+  with checkpoint.Checkpointer(runs.checkpoint_dir(vae_workdir), read_only=True) as ckpt:
+    assert ckpt.all_steps() == [5, 10]
+    assert ckpt.restore_config()["stage"] == "vae"
+  metrics = read_metrics(vae_workdir)
+  train = [m for m in metrics if "train/loss" in m]
+  evals = [m for m in metrics if "eval/loss" in m]
+  assert [m["step"] for m in train] == [5, 10]
+  assert train[-1]["train/loss"] < train[0]["train/loss"]
+  assert [m["step"] for m in evals] == [10]
+  assert {"eval/psnr", "eval/kl", "eval/reconstruction"} <= set(evals[0])
+  assert os.path.getsize(os.path.join(vae_workdir, "comparison.png")) > 0
+  assert os.listdir(os.path.join(vae_workdir, "tensorboard"))
+  with open(os.path.join(vae_workdir, "config.json")) as f:
+    assert json.load(f)["train"]["batch_size"] == 16
+
+
+def test_sharded_step_equals_single_device_step(tiny_data_dir):
+  """Same loss and parameters after two steps on 8 devices as on 1.
+
+  Plain SGD here: Adam divides each gradient element by its own magnitude, so
+  elements whose true gradient is zero (a conv bias feeding a GroupNorm) take
+  +-lr steps decided by rounding noise, which differs with the reduction
+  order. SGD passes the data-parallel gradient through unchanged.
+  """
+  import optax
+  config = vae_config(tiny_data_dir)
+  stage = runs.make_stage(config)
+  batch = next(data.train_iterator(config.data, config.train.batch_size, seed=0))
+  results = []
+  for num_devices in (8, 1):
+    mesh = parallel.make_mesh(num_devices)
+    schedule = optax.constant_schedule(0.1)
+    tx = optax.sgd(schedule)
+    graphdef, state = runs.init_model_and_state(stage, config, frozen=None)
+    state = parallel.replicate(mesh, state.replace(opt_state=tx.init(state.params)))
+    step, _ = train_state.compile_steps(
+        mesh, graphdef, state,
+        train_state.make_train_step(graphdef, stage.loss, tx, schedule, None),
+        train_state.make_eval_step(graphdef, stage.eval_metrics))
+    sharded_batch = parallel.shard_batch(mesh, batch)
+    assert len(sharded_batch["image"].sharding.device_set) == num_devices
+    for _ in range(2):
+      state, metrics = step(state, sharded_batch)
+    results.append((float(metrics["loss"]), flat_params(state)))
+  (loss8, params8), (loss1, params1) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for a, b in zip(params8, params1):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+  with pytest.raises(ValueError, match="multiple of the number of devices"):
+    parallel.check_batch_size(12, parallel.make_mesh(8))
+
+
+class PreemptedAfter(train_loop._Preemption):
+  """Reports a SIGTERM once `steps` training steps have run."""
+  steps = 0
+
+  def __enter__(self):
+    super().__enter__()
+    self._polls = 0
+    return self
+
+  @property
+  def requested(self):
+    self._polls += 1
+    return self._polls >= self.steps
+
+  @requested.setter
+  def requested(self, value):
+    pass
+
+
+def test_resume_continues_exactly(vae_workdir, tiny_data_dir, tmp_path, monkeypatch):
+  """Preempted after 5 of 10 steps, then rerun == 10 uninterrupted steps:
+  same batches, same randomness, same parameters."""
+  workdir = str(tmp_path / "resumed")
+  monkeypatch.setattr(train_loop, "_Preemption", type("After5", (PreemptedAfter,), {"steps": 5}))
+  stopped = train_loop.train_and_evaluate(vae_config(tiny_data_dir), workdir)
+  assert int(stopped.step) == 5
+  monkeypatch.undo()
+  resumed = train_loop.train_and_evaluate(vae_config(tiny_data_dir), workdir)
+  assert int(resumed.step) == 10
+  _, _, uninterrupted = runs.load_run(vae_workdir, 10)
+  for a, b in zip(flat_params(resumed), flat_params(uninterrupted)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+  ours, theirs = read_metrics(workdir), read_metrics(vae_workdir)
+  final = lambda metrics: [m for m in metrics if m["step"] == 10 and "train/loss" in m][0]
+  assert final(ours)["train/loss"] == pytest.approx(final(theirs)["train/loss"], rel=1e-6)
+
+
+def test_restore_on_a_different_device_count(vae_workdir):
+  _, _, on8 = runs.load_run(vae_workdir, mesh=parallel.make_mesh(8))
+  _, _, on1 = runs.load_run(vae_workdir, mesh=parallel.make_mesh(1))
+  leaf1 = jax.tree.leaves(on1.params)[0]
+  assert len(leaf1.sharding.device_set) == 1
+  assert len(jax.tree.leaves(on8.params)[0].sharding.device_set) == 8
+  for a, b in zip(flat_params(on8), flat_params(on1)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_incompatible_config_is_refused_and_nothing_changes(vae_workdir, tiny_data_dir):
+  before = sorted(os.listdir(os.path.join(vae_workdir, "checkpoints")))
+  with open(os.path.join(vae_workdir, "config.json")) as f:
+    saved = f.read()
+  config = vae_config(tiny_data_dir, num_steps=12)
+  config.vae.model.channels = 16
+  with pytest.raises(ValueError, match=r"vae\.model\.channels: saved 8, now 16"):
+    train_loop.train_and_evaluate(config, vae_workdir)
+  assert sorted(os.listdir(os.path.join(vae_workdir, "checkpoints"))) == before
+  with open(os.path.join(vae_workdir, "config.json")) as f:
+    assert f.read() == saved
+
+
+def test_run_length_and_logging_changes_are_compatible(tiny_data_dir):
+  config = vae_config(tiny_data_dir)
+  saved = config_lib.to_json(config)
+  config.train.num_steps = 40
+  config.train.log_every = 1
+  config.eval.num_examples = 8
+  assert config_lib.incompatible_keys(saved, config) == []
+  config.optim.learning_rate = 1.0
+  assert config_lib.incompatible_keys(saved, config) == ["optim.learning_rate"]
+
+
+def copy_run(workdir, tmp_path):
+  target = str(tmp_path / "copy")
+  shutil.copytree(workdir, target)
+  return target
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(vae_workdir, tiny_data_dir, tmp_path,
+                                                       monkeypatch):
+  workdir = copy_run(vae_workdir, tmp_path)
+  from ldm_jax.stages import vae as vae_stage
+  original = vae_stage.VAEStage.loss
+
+  def poisoned(self, model, frozen, batch, rng):
+    loss, metrics = original(self, model, frozen, batch, rng)
+    return loss * jnp.nan, metrics
+
+  monkeypatch.setattr(vae_stage.VAEStage, "loss", poisoned)
+  with pytest.raises(train_loop.NonFiniteLossError, match="last good checkpoint is step 10"):
+    train_loop.train_and_evaluate(vae_config(tiny_data_dir, num_steps=20), workdir)
+  with checkpoint.Checkpointer(runs.checkpoint_dir(workdir), read_only=True) as ckpt:
+    assert ckpt.latest_step() == 10
+
+
+def test_sigterm_sets_the_preemption_flag():
+  with train_loop._Preemption() as preemption:
+    assert not preemption.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested
+
+
+def test_preemption_saves_a_checkpoint_and_stops(vae_workdir, tiny_data_dir, tmp_path,
+                                                 monkeypatch):
+  workdir = copy_run(vae_workdir, tmp_path)
+  monkeypatch.setattr(train_loop, "_Preemption", type("After1", (PreemptedAfter,), {"steps": 1}))
+  state = train_loop.train_and_evaluate(vae_config(tiny_data_dir, num_steps=20), workdir)
+  assert int(state.step) == 11
+  with checkpoint.Checkpointer(runs.checkpoint_dir(workdir), read_only=True) as ckpt:
+    assert ckpt.latest_step() == 11
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.bach_size=16", "bach_size"),
+    ("--config.train.batch_size=sixteen", "batch_size"),
+])
+def test_bad_config_override_fails_before_running(override, message, tmp_path):
+  workdir = tmp_path / "never"
+  result = subprocess.run(
+      [sys.executable, "train.py", "--config=configs/tiny_vae.py", f"--workdir={workdir}",
+       override], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not workdir.exists()
