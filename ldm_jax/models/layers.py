@@ -1,0 +1,247 @@
+"""Building blocks shared by the VAE and the denoisers.
+
+All modules work on NHWC feature maps with float32 parameters. Pure helpers
+(`timestep_embedding`, `num_groups_for`, `upsample_nearest`) are plain
+functions so they can be tested and reused without a module around them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Used for output projections that should start close to zero (the denoiser's
+# final conv, the VAE's moments). Zero-init would make every upstream gradient
+# exactly zero at step 0; a small but nonzero variance keeps the initial output
+# near zero while every parameter still receives gradient.
+small_init = nnx.initializers.variance_scaling(
+    1e-2, "fan_in", "truncated_normal")
+
+
+def timestep_embedding(
+    t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps.
+
+  Args:
+    t: (B,) timesteps, integer or float.
+    dim: embedding width. An odd `dim` gets one zero column at the end.
+    max_period: longest wavelength; the shortest is 2*pi.
+
+  Returns:
+    (B, dim) float32 array laid out as [cos(t * f_k) ..., sin(t * f_k) ...]
+    with frequencies f_k spaced geometrically from 1 to 1 / max_period.
+  """
+  if dim < 2:
+    raise ValueError(f"timestep embedding dim must be >= 2, got {dim}")
+  half = dim // 2
+  freqs = jnp.exp(
+      -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+  embedding = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+  if dim % 2:
+    embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+  return embedding
+
+
+def num_groups_for(channels: int, max_groups: int = 32) -> int:
+  """Largest group count <= `max_groups` that divides `channels`.
+
+  The usual GroupNorm(32) breaks for the tiny widths used in tests and for
+  widths that are not multiples of 32; this keeps 32 groups whenever it can.
+  """
+  for groups in range(min(max_groups, channels), 0, -1):
+    if channels % groups == 0:
+      return groups
+  raise ValueError(f"channels must be positive, got {channels}")
+
+
+def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
+  return nnx.GroupNorm(
+      channels, num_groups=num_groups_for(channels), epsilon=1e-6, rngs=rngs)
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+  """Nearest-neighbour upsampling of an NHWC map by an integer factor.
+
+  `jnp.repeat` is exact and lowers to a broadcast, which XLA fuses into the
+  following conv more readily than a general `jax.image.resize`.
+  """
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+class Downsample(nnx.Module):
+  """Halves H and W with a stride-2 3x3 conv (learned, keeps channels)."""
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(channels, channels, (3, 3), strides=(2, 2), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(x)
+
+
+class Upsample(nnx.Module):
+  """Doubles H and W: nearest resize then a 3x3 conv.
+
+  Chosen over ConvTranspose: no checkerboard artefacts, and measurably faster
+  under XLA on CPU (see bench/bench_models.py).
+  """
+
+  def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(upsample_nearest(x))
+
+
+class ResBlock(nnx.Module):
+  """GroupNorm -> SiLU -> 3x3 conv, twice, around a residual connection.
+
+  With `emb_dim` the block is conditioned on an embedding (time + class) by a
+  per-channel scale and shift applied after the second GroupNorm (FiLM, as in
+  the improved DDPM / ADM UNet). A 1x1 conv matches channels on the skip path
+  when they change. Dropout, when built, acts before the second conv.
+  """
+
+  def __init__(
+      self,
+      in_channels: int,
+      out_channels: int,
+      *,
+      emb_dim: int | None = None,
+      dropout: float | None = None,
+      rngs: nnx.Rngs,
+  ):
+    self.norm1 = group_norm(in_channels, rngs=rngs)
+    self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), rngs=rngs)
+    self.emb_proj = (
+        nnx.Linear(emb_dim, 2 * out_channels, rngs=rngs)
+        if emb_dim is not None else None)
+    self.norm2 = group_norm(out_channels, rngs=rngs)
+    # `dropout=None` builds no Dropout at all (the VAE: no RNG stream in its
+    # state). Any float, even 0.0, builds one, so that a denoiser always has
+    # the `deterministic` switch that `nnx.view(model, deterministic=...)`
+    # looks for, whatever its dropout rate.
+    self.dropout = (
+        nnx.Dropout(dropout, rngs=rngs) if dropout is not None else None)
+    self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), rngs=rngs)
+    self.skip = (
+        nnx.Conv(in_channels, out_channels, (1, 1), rngs=rngs)
+        if in_channels != out_channels else None)
+
+  def __call__(self, x: jax.Array, emb: jax.Array | None = None) -> jax.Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = self.norm2(h)
+    if self.emb_proj is not None:
+      if emb is None:
+        raise ValueError("this ResBlock was built with emb_dim; pass emb")
+      scale, shift = jnp.split(self.emb_proj(jax.nn.silu(emb)), 2, axis=-1)
+      h = h * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
+    h = jax.nn.silu(h)
+    if self.dropout is not None:
+      h = self.dropout(h)
+    h = self.conv2(h)
+    skip = x if self.skip is None else self.skip(x)
+    return skip + h
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head dot-product attention from `queries` to `context` tokens.
+
+  Written out rather than using `nnx.MultiHeadAttention` for one reason: the
+  key projection has no bias. A key bias adds the same logit to every key of
+  a query, softmax cancels it, so its gradient is identically zero and it
+  would be a dead parameter.
+  """
+
+  def __init__(
+      self,
+      features: int,
+      *,
+      num_heads: int = 1,
+      context_features: int | None = None,
+      rngs: nnx.Rngs,
+  ):
+    if features % num_heads:
+      raise ValueError(
+          f"attention features ({features}) must be divisible by num_heads "
+          f"({num_heads})")
+    context_features = context_features or features
+    self.num_heads = num_heads
+    self.query = nnx.Linear(features, features, rngs=rngs)
+    self.key = nnx.Linear(context_features, features, use_bias=False,
+                          rngs=rngs)
+    self.value = nnx.Linear(context_features, features, rngs=rngs)
+    self.out = nnx.Linear(features, features, rngs=rngs)
+
+  def __call__(
+      self, queries: jax.Array, context: jax.Array | None = None
+  ) -> jax.Array:
+    """(B, Tq, features) queries, (B, Tk, context_features) context."""
+    context = queries if context is None else context
+
+    def heads(x):  # (B, T, F) -> (B, T, heads, F / heads)
+      return x.reshape(x.shape[:2] + (self.num_heads, -1))
+
+    attended = jax.nn.dot_product_attention(
+        heads(self.query(queries)), heads(self.key(context)),
+        heads(self.value(context)))
+    return self.out(attended.reshape(queries.shape))
+
+
+class AttentionBlock(nnx.Module):
+  """Transformer block over the pixels of a feature map.
+
+  Self-attention among the H*W positions, then (when `context_dim` is given)
+  cross-attention from the positions to a sequence of context tokens, then a
+  GELU MLP; each sub-layer is pre-LayerNorm and residual. The whole block sits
+  between a GroupNorm + 1x1 projection in and a 1x1 projection out, with its
+  own residual, like the spatial transformer of latent diffusion.
+  """
+
+  def __init__(
+      self,
+      channels: int,
+      *,
+      num_heads: int = 1,
+      context_dim: int | None = None,
+      mlp_ratio: int = 4,
+      rngs: nnx.Rngs,
+  ):
+    self.norm = group_norm(channels, rngs=rngs)
+    self.proj_in = nnx.Conv(channels, channels, (1, 1), rngs=rngs)
+    self.self_norm = nnx.LayerNorm(channels, rngs=rngs)
+    self.self_attn = MultiHeadAttention(
+        channels, num_heads=num_heads, rngs=rngs)
+    if context_dim is not None:
+      self.cross_norm = nnx.LayerNorm(channels, rngs=rngs)
+      self.cross_attn = MultiHeadAttention(
+          channels, num_heads=num_heads, context_features=context_dim,
+          rngs=rngs)
+    else:
+      self.cross_norm = None
+      self.cross_attn = None
+    if mlp_ratio > 0:
+      self.mlp_norm = nnx.LayerNorm(channels, rngs=rngs)
+      self.mlp_in = nnx.Linear(channels, mlp_ratio * channels, rngs=rngs)
+      self.mlp_out = nnx.Linear(mlp_ratio * channels, channels, rngs=rngs)
+    else:
+      self.mlp_norm = self.mlp_in = self.mlp_out = None
+    self.proj_out = nnx.Conv(channels, channels, (1, 1), rngs=rngs)
+
+  def __call__(
+      self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    batch, height, width, channels = x.shape
+    h = self.proj_in(self.norm(x)).reshape(batch, height * width, channels)
+    h = h + self.self_attn(self.self_norm(h))
+    if self.cross_attn is not None:
+      if context is None:
+        raise ValueError("this AttentionBlock was built with context_dim; "
+                         "pass context")
+      h = h + self.cross_attn(self.cross_norm(h), context)
+    if self.mlp_in is not None:
+      h = h + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(h))))
+    h = self.proj_out(h.reshape(batch, height, width, channels))
+    return x + h
