@@ -83,9 +83,7 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, g
   if num_samples < 1:
     raise ValueError(f"--num_samples must be positive, got {num_samples}")
   check_out_dir(out)
-  mesh = parallel.make_mesh()
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  saved, graphdef, state = runs.load_run(workdir, step, mesh)
+  saved = runs.load_config(workdir, step)
   if saved.get("stage") != "ldm":
     raise ValueError(f"{workdir} is a {saved.get('stage')!r} run; sample.py needs an LDM run")
   config = ml_collections.ConfigDict(saved)
@@ -94,6 +92,10 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, g
   data.ensure_prepared(config.data)
   names = data.class_names(config.data)
   class_ids = parse_classes(classes, names)
+
+  mesh = parallel.make_mesh()
+  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+  _, graphdef, state = runs.load_run(workdir, step, mesh)
   stage = runs.make_stage(config)
   params = state.eval_params() if use_ema else state.params
 

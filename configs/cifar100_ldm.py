@@ -41,6 +41,7 @@ def get_config():
       attention_levels=(1, 2),
       num_heads=4,
       context_dim=256,
+      context_tokens=4,  # The class embedding is split into this many cross-attention tokens.
       dropout=0.1,
   )
 

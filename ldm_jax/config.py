@@ -71,6 +71,22 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def shrink_for_smoke_runs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Run-size settings for the tiny recipes: a few steps, small batches, a
+  small eval, so that a run finishes in seconds on a CPU."""
+  config.train.batch_size = 16
+  config.train.num_steps = 20
+  config.train.log_every = 5
+  config.train.eval_every = 10
+  config.train.checkpoint_every = 10
+  config.train.progress_bar = False
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 2
+  config.eval.batch_size = 16
+  config.eval.num_examples = 32
+  return config
+
+
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
   """{'train.batch_size': 128, ...}: the leaves of a nested config."""
   items = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config

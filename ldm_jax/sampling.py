@@ -87,6 +87,9 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
   parallel.check_batch_size(batch_size, mesh)
   sharding = parallel.batch_sharding(mesh)
   key = jax.random.PRNGKey(seed)
+  # The weights may sit on another device set (a checkpoint restored for a
+  # different mesh); sampling runs where `mesh` says.
+  params, rest, frozen = parallel.replicate(mesh, (params, rest, frozen))
   out = []
   starts = range(0, len(labels), batch_size)
   for index, start in enumerate(tqdm(starts, desc=f"sampling ({settings.sampler})",

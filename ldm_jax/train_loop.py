@@ -124,20 +124,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if start_step is None:
     scale_iter = data.train_iterator(config.data, config.train.batch_size, config.seed + 1)
     frozen = stage.init_frozen(parallel.shard_batch(mesh, b) for b in scale_iter)
-    graphdef, state = runs.init_model_and_state(stage, config, frozen)
-    state = parallel.replicate(mesh, state)
+    graphdef, state = runs.init_train_state(stage, config, frozen, replicated)
     start_step = 0
   else:
     graphdef, abstract = runs.abstract_train_state(stage, config, replicated)
     state = checkpointer.restore(start_step, abstract, train_iter)
     tqdm.write(f"resumed from step {start_step} of {checkpointer.directory}")
 
-  schedule = train_state.learning_rate_schedule(config.optim, config.train.num_steps)
-  tx = train_state.make_optimizer(config.optim, config.train.num_steps)
-  train_step, eval_step = train_state.compile_steps(
-      mesh, graphdef, state,
-      train_state.make_train_step(graphdef, stage.loss, tx, schedule, stage.ema_decay),
-      train_state.make_eval_step(graphdef, stage.eval_metrics))
+  train_step, eval_step = runs.compile_steps(stage, config, mesh, graphdef, state)
 
   writer = MetricWriter(workdir)
   num_steps = config.train.num_steps

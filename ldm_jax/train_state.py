@@ -83,7 +83,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_and_rest(params):
-      model = nnx.merge(graphdef, params, state.rest)
+      # copy=True: the RNG counters of dropout are advanced inside this grad
+      # trace, and NNX allows that only on variables created in it.
+      model = nnx.merge(graphdef, params, state.rest, copy=True)
       model.train()
       loss, metrics = loss_fn(model, state.frozen, batch, rng)
       _, _, rest = nnx.split(model, nnx.Param, ...)

@@ -14,6 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/ldm_jax_test_jax_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# XLA's CPU optimisation passes dominate the suite's time on tiny models and
+# change no result a test checks (equalities are within one program setting).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import numpy as np
 import pytest
@@ -65,3 +68,26 @@ def tiny_data_dir(tmp_path_factory):
   data.prepare(str(data_dir), str(source),
                expected_sizes={"train": TINY_TRAIN, "test": TINY_TEST})
   return str(data_dir)
+
+
+def vae_config(data_dir, **train):
+  """configs/tiny_vae.py on the tiny data: 10 steps, checkpoints at 5 and 10."""
+  from configs import tiny_vae
+  config = tiny_vae.get_config()
+  config.data.data_dir = data_dir
+  config.train.num_steps = 10
+  config.train.log_every = 5
+  config.train.eval_every = 10
+  config.train.checkpoint_every = 5
+  for key, value in train.items():
+    config.train[key] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def vae_workdir(tiny_data_dir, tmp_path_factory):
+  """A finished 10-step tiny VAE run, shared by the tests that only read it."""
+  from ldm_jax import train_loop
+  workdir = str(tmp_path_factory.mktemp("vae_run"))
+  train_loop.train_and_evaluate(vae_config(tiny_data_dir), workdir)
+  return workdir

@@ -16,29 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny_vae
+from conftest import vae_config
 from ldm_jax import checkpoint, config as config_lib, data, parallel, runs, train_loop, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def vae_config(data_dir, **train):
-  config = tiny_vae.get_config()
-  config.data.data_dir = data_dir
-  config.train.num_steps = 10
-  config.train.log_every = 5
-  config.train.eval_every = 10
-  config.train.checkpoint_every = 5
-  for key, value in train.items():
-    config.train[key] = value
-  return config
-
-
-@pytest.fixture(scope="session")
-def vae_workdir(tiny_data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("vae_run"))
-  train_loop.train_and_evaluate(vae_config(tiny_data_dir), workdir)
-  return workdir
 
 
 def read_metrics(workdir):

@@ -1,0 +1,154 @@
+"""The latent diffusion stage, sampling over devices, and sample.py."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sample
+from configs import tiny_ldm
+from ldm_jax import diffusion, models, parallel, runs, sampling, train_loop
+
+
+def ldm_config(data_dir, vae_workdir, num_steps=6):
+  config = tiny_ldm.get_config()
+  config.data.data_dir = data_dir
+  config.vae_checkpoint = vae_workdir
+  config.train.num_steps = num_steps
+  config.train.log_every = 3
+  config.train.eval_every = num_steps
+  config.train.checkpoint_every = num_steps
+  return config
+
+
+@pytest.fixture(scope="session")
+def ldm_workdir(tiny_data_dir, vae_workdir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ldm_run"))
+  train_loop.train_and_evaluate(ldm_config(tiny_data_dir, vae_workdir), workdir)
+  return workdir
+
+
+def test_ldm_run_keeps_vae_frozen_and_tracks_ema(ldm_workdir, vae_workdir):
+  saved, _, state = runs.load_run(ldm_workdir)
+  _, _, vae_state = runs.load_run(vae_workdir)
+  assert saved["stage"] == "ldm"
+  assert saved["vae"]["model"]["latent"] == "spatial"  # Copied from the VAE run.
+  for frozen, trained in zip(jax.tree.leaves(state.frozen["vae"]["params"]),
+                             jax.tree.leaves(vae_state.params)):
+    np.testing.assert_array_equal(frozen, trained)
+  scale = float(state.frozen["latent_scale"])
+  assert np.isfinite(scale) and scale > 0
+  moved = [not np.allclose(e, p) for e, p in zip(jax.tree.leaves(state.ema_params),
+                                                 jax.tree.leaves(state.params))]
+  assert any(moved)  # EMA lags the parameters.
+  assert os.path.getsize(os.path.join(ldm_workdir, "samples.png")) > 0
+
+
+def test_vae_with_the_wrong_latent_form_is_refused(tiny_data_dir, vae_workdir, tmp_path):
+  config = ldm_config(tiny_data_dir, vae_workdir)
+  config.ldm.latent = "vector"
+  with pytest.raises(ValueError, match="'spatial' latent, but .* needs a 'vector' one"):
+    train_loop.train_and_evaluate(config, str(tmp_path / "ldm"))
+
+
+def test_ldm_without_vae_checkpoint_is_refused(tiny_data_dir, tmp_path):
+  config = ldm_config(tiny_data_dir, None)
+  with pytest.raises(ValueError, match="vae_checkpoint"):
+    train_loop.train_and_evaluate(config, str(tmp_path / "ldm"))
+
+
+def test_tiny_denoiser_loss_goes_down_on_generated_latents():
+  """Latents from two Gaussian clusters picked by the class: learnable."""
+  schedule = diffusion.make_schedule("linear", 100)
+  model = models.make_denoiser("mlp", latent_shape=(8,), num_classes=2, hidden_dim=64,
+                               num_blocks=2, emb_dim=32, rngs=nnx.Rngs(0))
+  labels = jnp.arange(64) % 2
+  latents = (2.0 * labels[:, None] - 1.0) + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (64, 8))
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  def loss_fn(model, rng):
+    return diffusion.diffusion_loss(schedule, lambda z, t: model(z, t, labels), latents, rng).mean()
+
+  @nnx.jit
+  def train_step(model, optimizer, rng):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, rng)
+    optimizer.update(model, grads)
+    return loss
+
+  eval_keys = jax.random.split(jax.random.PRNGKey(2), 8)
+  evaluate = nnx.jit(lambda model: jnp.mean(jnp.stack([loss_fn(model, k) for k in eval_keys])))
+  before = float(evaluate(model))
+  for step in range(60):
+    train_step(model, optimizer, jax.random.PRNGKey(100 + step))
+  after = float(evaluate(model))
+  assert after < 0.6 * before
+
+
+def test_samples_are_the_same_on_one_and_eight_devices(ldm_workdir):
+  saved, graphdef, state = runs.load_run(ldm_workdir)
+  stage = runs.make_stage(ml_collections.ConfigDict(saved))
+  settings = sampling.SamplerSettings("ddim", num_steps=3, guidance=2.0)
+  labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], np.int32)
+  outputs = [
+      sampling.generate(stage.decoder(graphdef), settings, state.ema_params, state.rest,
+                        state.frozen, labels, seed=3, batch_size=8,
+                        mesh=parallel.make_mesh(n))
+      for n in (8, 1)]
+  assert outputs[0].shape == (10, 32, 32, 3) and outputs[0].dtype == np.uint8
+  diff = np.abs(outputs[0].astype(int) - outputs[1].astype(int))
+  assert diff.max() <= 1  # Equal up to a rounding step at a uint8 boundary.
+  assert (diff == 0).mean() > 0.99
+
+
+def run_sample(workdir, out, **overrides):
+  kwargs = dict(num_samples=12, sampler="ddim", steps=3, guidance=2.0, batch_size=8,
+                grid_per_class=3)
+  kwargs.update(overrides)
+  return sample.run(workdir, str(out), **kwargs)
+
+
+def test_sample_py_writes_all_outputs(ldm_workdir, tmp_path):
+  out = tmp_path / "out"
+  result = run_sample(ldm_workdir, out, classes=["1", "class_02"])
+  assert result["num_samples"] == 12
+  files = sorted(os.listdir(out / "generated_samples"))
+  assert len(files) == 12
+  assert files[0] == "00000_class_01.png" and files[1] == "00001_class_02.png"
+  saved = np.load(out / "samples.npz")
+  assert saved["images"].shape == (12, 32, 32, 3) and saved["images"].dtype == np.uint8
+  assert list(saved["labels"]) == [1, 2] * 6
+  for name in ("grid_samples.png", "comparison.png"):
+    assert os.path.getsize(out / name) > 0
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(classes=["100"]), ValueError, "out of range"),
+    (dict(classes=["no_such_class"]), ValueError, "unknown class"),
+    (dict(sampler="euler"), ValueError, "unknown sampler"),
+    (dict(sampler="dpm_solver", eta=0.5), ValueError, "eta"),
+])
+def test_sample_py_rejects_bad_input_before_writing(ldm_workdir, tmp_path, overrides, error,
+                                                    message):
+  out = tmp_path / "out"
+  with pytest.raises(error, match=message):
+    run_sample(ldm_workdir, out, **overrides)
+  assert not (out / "generated_samples").exists()
+
+
+def test_sample_py_needs_an_ldm_checkpoint(vae_workdir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    run_sample(str(tmp_path / "empty"), tmp_path / "out")
+  with pytest.raises(ValueError, match="needs an LDM run"):
+    run_sample(vae_workdir, tmp_path / "out")
+
+
+def test_sample_py_never_overwrites(ldm_workdir, tmp_path):
+  out = tmp_path / "out"
+  (out / "generated_samples").mkdir(parents=True)
+  with pytest.raises(FileExistsError, match="nothing is overwritten"):
+    run_sample(ldm_workdir, out)
