@@ -128,7 +128,7 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, g
   result = {"num_samples": len(generated)}
   if fid:
     from ldm_jax import fid as fid_lib
-    result[f"fid_{len(generated)}"] = fid_lib.fid_against_reference(
+    result[fid_lib.fid_name(len(generated))] = fid_lib.fid_against_reference(
         generated, config.data, weights=fid_weights)
   return result
 
@@ -136,7 +136,7 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, g
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)
   result = run(
       _WORKDIR.value, _OUT.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
       steps=_STEPS.value, guidance=_GUIDANCE.value, classes=_CLASSES.value, seed=_SEED.value,
@@ -145,8 +145,8 @@ def main(argv):
       fid_weights=_FID_WEIGHTS.value, data_dir=_DATA_DIR.value)
   print(f"wrote {result['num_samples']} samples to {_OUT.value}")
   for key, value in result.items():
-    if key.startswith("fid_"):
-      print(f"FID-{key.removeprefix('fid_')}: {value:.3f}")
+    if key.startswith("FID"):
+      print(f"{key} (against the train statistics): {value:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ key or a wrong type stops here, before anything runs. Rerunning a command on
 the same workdir resumes it.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ldm_jax import parallel
@@ -27,6 +27,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Metrics go to stdout through the loop; libraries' INFO chatter (orbax
+  # logs every checkpoint file it writes) stays out of the way.
+  logging.set_verbosity(logging.WARNING)
   parallel.initialize_distributed(_DISTRIBUTED.value)
   from ldm_jax import train_loop  # After distributed start-up, which must come first.
   train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

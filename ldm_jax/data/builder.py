@@ -36,9 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "name": "cifar100",
       # None: the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
-      "data_dir": None,
+      "data_dir": ml_collections.config_dict.placeholder(str),
       # Where prepare-on-first-use reads from: a path, or None to download.
-      "source": None,
+      "source": ml_collections.config_dict.placeholder(str),
       "image_size": 32,
       "num_classes": 100,
       "random_flip": True,
