@@ -6,6 +6,12 @@ A spatial 16x16x4 latent (downsampling factor 2) is the default: reconstruction
 quality caps the FID the whole system can reach, and a factor-4 latent is about
 as soft as a 4x down/up-sampling of the images (FID ~159, the original
 project's figure). The original's flat 128-d latent is configs/cifar100_vae_vector.py.
+
+Measured (2 CPU cores, 8 fake devices; not yet run on a GPU): this recipe
+trains at 0.12 steps/s at batch 64. A narrower variant
+(--config.vae.model.channels=32 --config.vae.model.num_res_blocks=1
+--config.train.batch_size=64 --config.optim.learning_rate=1e-3) reached a test
+PSNR of 24.0 dB after 600 steps (38k images, under one epoch) in 20 minutes.
 """
 
 from ldm_jax import config as config_lib
