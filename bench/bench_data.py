@@ -19,6 +19,12 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+import os as _os
+import sys as _sys
+
+# Runnable as `python bench/<name>.py` from the repository root.
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 from ldm_jax import data
 from ldm_jax.data import augment, builder, pipeline
 

@@ -19,6 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import os as _os
+import sys as _sys
+
+# Runnable as `python bench/<name>.py` from the repository root.
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 from ldm_jax.models import (
     VAE, MLPDenoiser, UNet, gaussian_kl, reconstruction_loss)
 from ldm_jax.models.layers import Upsample

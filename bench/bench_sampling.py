@@ -20,6 +20,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
+import os as _os
+import sys as _sys
+
+# Runnable as `python bench/<name>.py` from the repository root.
+_sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 from ldm_jax import diffusion, parallel
 
 _DENOISER = flags.DEFINE_enum("denoiser", "unet", ["unet", "mlp"],
