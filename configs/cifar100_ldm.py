@@ -7,6 +7,15 @@ The VAE is restored from its workdir, frozen, and encodes each augmented batch
 on the device. Diffusion follows the original project: 1000 steps, linear betas
 from 1e-4 to 0.02, epsilon prediction; classes are dropped to a learned null
 class 10% of the time so that sampling can use classifier-free guidance.
+
+Measured (2 CPU cores, 8 fake devices; not yet run on a GPU): this recipe's
+train step takes 27.5 s at batch 128 (4.7 images/s). A narrow variant
+(--config.unet.channels=32 --config.unet.channel_multipliers='(1,2)'
+--config.unet.num_res_blocks=1 --config.unet.attention_levels='(1,)'
+--config.unet.context_dim=64 --config.train.batch_size=64) on the narrow VAE
+of configs/cifar100_vae.py ran 250 steps in 6 minutes (1 step/s); its loss fell
+from 0.89 to 0.19, and its DDIM-50 samples at w=2 are still colour textures,
+not objects: a smoke run, not a result.
 """
 
 import ml_collections

@@ -203,8 +203,9 @@ def _labelled_model(calls):
   return model_fn
 
 
-def test_guidance_special_weights_are_single_plain_calls():
-  x = jax.random.normal(jax.random.key(4), (6, 3))
+def _guidance_case(seed):
+  """Inputs, a call-counting model, and its conditional/unconditional outputs."""
+  x = jax.random.normal(jax.random.key(seed), (6, 3))
   t = jnp.arange(1, 7, dtype=jnp.int32)
   labels = jnp.array([1, 2, 3, 4, 5, 6])
   calls = []
@@ -212,6 +213,11 @@ def test_guidance_special_weights_are_single_plain_calls():
   cond = model_fn(x, t, labels)
   uncond = model_fn(x, t, jnp.zeros_like(labels))
   calls.clear()
+  return x, t, labels, calls, model_fn, cond, uncond
+
+
+def test_guidance_special_weights_are_single_plain_calls():
+  x, t, labels, calls, model_fn, cond, uncond = _guidance_case(4)
   np.testing.assert_array_equal(
       diffusion.guided_model_fn(model_fn, labels, 0, 1.0)(x, t), cond)
   np.testing.assert_array_equal(
@@ -220,14 +226,7 @@ def test_guidance_special_weights_are_single_plain_calls():
 
 
 def test_guidance_formula_in_one_batched_call():
-  x = jax.random.normal(jax.random.key(5), (6, 3))
-  t = jnp.arange(1, 7, dtype=jnp.int32)
-  labels = jnp.array([1, 2, 3, 4, 5, 6])
-  calls = []
-  model_fn = _labelled_model(calls)
-  cond = model_fn(x, t, labels)
-  uncond = model_fn(x, t, jnp.zeros_like(labels))
-  calls.clear()
+  x, t, labels, calls, model_fn, cond, uncond = _guidance_case(5)
   guided = diffusion.guided_model_fn(model_fn, labels, 0, 2.0)(x, t)
   np.testing.assert_allclose(guided, uncond + 2.0 * (cond - uncond),
                              rtol=1e-6)
