@@ -56,9 +56,6 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def best_step(self) -> int | None:
-    return self._manager.best_step()
-
   def save(self, step: int, state: Any, config: dict[str, Any],
            data_iterator: grain.DatasetIterator | None = None,
            metrics: dict[str, float] | None = None) -> None:
@@ -82,10 +79,6 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     return self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
-  def state_metadata(self, step: int) -> Any:
-    """Shapes and dtypes of the saved state, read without loading it."""
-    return self._manager.item_metadata(step)["state"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
@@ -107,8 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint."""
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
-  local_batch_size = parallel.check_batch_size(config.train.batch_size, mesh)
-  del local_batch_size  # The data pipeline derives it the same way.
+  parallel.check_batch_size(config.train.batch_size, mesh)  # Before any work is done.
   runs.attach_vae_config(config)
 
   checkpointer = checkpoint.Checkpointer(runs.checkpoint_dir(workdir),

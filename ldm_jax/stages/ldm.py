@@ -24,10 +24,6 @@ from ldm_jax.stages import base
 VAELoader = Callable[[str, int | None], tuple[dict, nnx.GraphDef, Any]]
 
 
-def vae_model_config(config) -> dict[str, Any]:
-  return dict(config.vae.model)
-
-
 class LDMStage(base.Stage):
   picture_name = "samples.png"
 
@@ -142,6 +138,6 @@ class LDMStage(base.Stage):
 
 
 def _abstract_vae(config):
-  abstract = nnx.eval_shape(lambda: models.VAE(**vae_model_config(config), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: models.VAE(**config.vae.model, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   return graphdef, abstract

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
