@@ -80,6 +80,12 @@ class Checkpointer:
     return self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether JAX's multi-host preemption notice has reached every process
+    (all hosts must save the same step together, so a local SIGTERM alone
+    cannot decide it)."""
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

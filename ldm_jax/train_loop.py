@@ -188,7 +188,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           save(step, best)
         if eval_metrics is not None or step % config.train.checkpoint_every == 0:
           interval_start = time.perf_counter()  # Eval and saving are not training speed.
-        if preemption.requested:
+        preempted = preemption.requested if jax.process_count() == 1 else (
+            checkpointer.reached_preemption(step))
+        if preempted:
           if last_saved != step:
             save(step)
           logging.warning("SIGTERM: saved step %d, exiting; rerun the same command to resume",

@@ -48,6 +48,17 @@ def test_run_writes_checkpoints_metrics_and_pictures(vae_workdir):
     assert json.load(f)["train"]["batch_size"] == 16
 
 
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+  state = {"x": jnp.zeros(3)}
+  with checkpoint.Checkpointer(tmp_path / "ckpt", keep=2) as ckpt:
+    ckpt.save(1, state, {}, metrics={checkpoint.BEST_METRIC: 0.5})
+    ckpt.save(2, state, {}, metrics={checkpoint.BEST_METRIC: 0.9})
+    ckpt.save(3, state, {})
+    ckpt.save(4, state, {}, metrics={checkpoint.BEST_METRIC: 0.7})
+    ckpt.wait()
+    assert ckpt.all_steps() == [1, 3, 4]  # Step 1 is the best; 3 and 4 the latest.
+
+
 def test_sharded_step_equals_single_device_step(tiny_data_dir):
   """Same loss and parameters after two steps on 8 devices as on 1.
 
