@@ -39,6 +39,11 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # jax.distributed's preemption notifier owns SIGTERM there (the loop
+      # asks orbax); a Python handler would replace it and no process would
+      # ever hear of the notice.
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: leave signals alone.
