@@ -34,13 +34,26 @@ def get_config():
       num_timesteps=1000,
       beta_start=1e-4,
       beta_end=0.02,
-      prediction="eps",
+      prediction="eps",  # "eps" or "v": what the denoiser outputs.
+      # Per-timestep loss weight: "none" is the plain DDPM loss of the original;
+      # "min_snr" is Min-SNR-gamma (Hang et al. 2023).
+      loss_weighting="none",
+      min_snr_gamma=5.0,
+      # Training timesteps: "uniform" over 1..T, or "lognormal": log sigma ~
+      # N(mean, std) as in EDM, mapped to the nearest step of the schedule.
+      timestep_sampling="uniform",
+      lognormal_mean=-1.2,
+      lognormal_std=1.2,
   )
   config.ldm = dict(
       denoiser="unet",
       latent="spatial",  # What the VAE checkpoint must provide for this denoiser.
       class_dropout=0.1,
-      ema_decay=0.9999,
+      # Parameter average used for eval and sampling. "halflife" (EDM) ramps
+      # the half-life up with the images seen, so it is right at any run
+      # length; "power" is EDM2's; "constant" is the plain decay (long runs only).
+      ema=dict(schedule="halflife", decay=0.9999, halflife_images=500_000,
+               rampup_ratio=0.05, power_std=0.05),
       scale_batches=8,  # Train batches encoded at start to measure the latent scale.
   )
   config.unet = dict(

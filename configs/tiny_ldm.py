@@ -14,7 +14,8 @@ def get_config():
                      attention_levels=(1,), num_heads=2, context_dim=16,
                      dropout=0.1)  # Non-zero: the dropout RNG path is exercised.
   config.diffusion.num_timesteps = 100
-  config.ldm.ema_decay = 0.9
+  config.ldm.ema.schedule = "constant"
+  config.ldm.ema.decay = 0.9
   config.ldm.scale_batches = 2
   config.eval.picture_examples = 2
   config.eval.picture_classes = 2

@@ -123,11 +123,62 @@ def _alpha_sigma(schedule: Schedule, t: jax.Array,
 # ------------------------------------------------------------------ training
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
 def sample_timesteps(rng: jax.Array, batch_size: int,
                      num_timesteps: int) -> jax.Array:
   """Draws int32 timesteps of shape (batch_size,) uniformly from 1..T."""
   return jax.random.randint(rng, (batch_size,), 1, num_timesteps + 1,
                             dtype=jnp.int32)
+
+
+def sample_timesteps_lognormal(rng: jax.Array, batch_size: int,
+                               schedule: Schedule, mean: float = -1.2,
+                               std: float = 1.2) -> jax.Array:
+  """Timesteps whose noise level follows EDM's training distribution.
+
+  Karras et al. (2022) draw log sigma ~ N(mean, std), with sigma the noise to
+  signal ratio sigma_t / alpha_t, which puts most training on the middle
+  noise levels where the loss falls fastest. Each draw is mapped to the step
+  whose sigma is nearest in log space, so the discrete schedule and its
+  samplers are unchanged. Draws beyond the schedule's range land on 1 or T.
+  """
+  log_sigma = mean + std * jax.random.normal(rng, (batch_size,), jnp.float32)
+  abar = schedule.alphas_cumprod
+  schedule_log_sigma = 0.5 * (jnp.log1p(-abar) - jnp.log(abar))  # Increasing in t.
+  index = jnp.searchsorted(schedule_log_sigma, log_sigma)
+  index = jnp.clip(index, 1, schedule.num_timesteps - 1)
+  lower, upper = schedule_log_sigma[index - 1], schedule_log_sigma[index]
+  index = jnp.where(log_sigma - lower < upper - log_sigma, index - 1, index)
+  return (index + 1).astype(jnp.int32)
+
+
+def signal_to_noise(schedule: Schedule, t: jax.Array) -> jax.Array:
+  """SNR(t) = alpha_t^2 / sigma_t^2 = abar_t / (1 - abar_t), shape of `t`."""
+  abar = schedule.alphas_cumprod[t - 1]
+  return abar / (1.0 - abar)
+
+
+def loss_weight(snr: jax.Array, prediction: str, weighting: str = "none",
+                min_snr_gamma: float = 5.0) -> jax.Array:
+  """The per-example weight of the squared error of a `prediction` network.
+
+  "none" weights every timestep alike in the network's own target (the
+  plain DDPM loss). "min_snr" is Min-SNR-gamma (Hang et al. 2023): it weights
+  the x0 error by min(SNR, gamma), clamping the easy low-noise steps that
+  otherwise dominate the gradient. An eps error is the x0 error times SNR and
+  a v error the x0 error times SNR + 1, so in those targets the weight is
+  min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1).
+  """
+  _check_prediction(prediction)
+  if weighting == "none":
+    return jnp.ones_like(snr)
+  if weighting == "min_snr":
+    clamped = jnp.minimum(snr, min_snr_gamma)
+    return clamped / snr if prediction == "eps" else clamped / (snr + 1.0)
+  raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}")
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array,
@@ -182,8 +233,14 @@ def predict_x0_eps(schedule: Schedule, model_output: jax.Array,
 
 
 def diffusion_loss(schedule: Schedule, model_fn: ModelFn, x0: jax.Array,
-                   rng: jax.Array, prediction: str = "eps") -> jax.Array:
-  """The simple DDPM loss, one value per example.
+                   rng: jax.Array, prediction: str = "eps", *,
+                   weighting: str = "none", min_snr_gamma: float = 5.0,
+                   timestep_sampling: str = "uniform", lognormal_mean: float = -1.2,
+                   lognormal_std: float = 1.2) -> jax.Array:
+  """The denoising loss, one value per example.
+
+  With the defaults this is the simple DDPM loss (Ho et al. 2020): uniform
+  timesteps, unweighted squared error of the network's target.
 
   Args:
     schedule: the noise schedule.
@@ -191,17 +248,29 @@ def diffusion_loss(schedule: Schedule, model_fn: ModelFn, x0: jax.Array,
     x0: clean latents, (B, ...).
     rng: key for the timesteps and the noise.
     prediction: "eps" or "v", what `model_fn` is trained to output.
+    weighting: "none" or "min_snr" (see `loss_weight`).
+    min_snr_gamma: gamma of "min_snr".
+    timestep_sampling: "uniform" over 1..T, or "lognormal" (see
+      `sample_timesteps_lognormal`, with `lognormal_mean` and `lognormal_std`).
 
   Returns:
-    (B,) float32 mean squared error over each example's latent dimensions.
+    (B,) float32 weighted mean squared error over each example's dimensions.
   """
   t_rng, noise_rng = jax.random.split(rng)
-  t = sample_timesteps(t_rng, x0.shape[0], schedule.num_timesteps)
+  if timestep_sampling == "uniform":
+    t = sample_timesteps(t_rng, x0.shape[0], schedule.num_timesteps)
+  elif timestep_sampling == "lognormal":
+    t = sample_timesteps_lognormal(t_rng, x0.shape[0], schedule, lognormal_mean,
+                                   lognormal_std)
+  else:
+    raise ValueError(f"unknown timestep sampling {timestep_sampling!r}; "
+                     f"choose one of {list(TIMESTEP_SAMPLINGS)}")
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
   x_t = q_sample(schedule, x0, t, noise)
   target = training_target(schedule, x0, noise, t, prediction)
   error = model_fn(x_t, t).astype(jnp.float32) - target.astype(jnp.float32)
-  return jnp.mean(jnp.square(error), axis=tuple(range(1, x0.ndim)))
+  weight = loss_weight(signal_to_noise(schedule, t), prediction, weighting, min_snr_gamma)
+  return weight * jnp.mean(jnp.square(error), axis=tuple(range(1, x0.ndim)))
 
 
 # ------------------------------------------------------------------ guidance

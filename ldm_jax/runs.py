@@ -38,7 +38,7 @@ def init_model_and_state(stage: base.Stage, config, frozen: Any
   model = stage.build_model(nnx.Rngs(params=config.seed, dropout=config.seed + 1))
   tx = train_state.make_optimizer(config.optim, config.train.num_steps)
   return train_state.create_train_state(
-      model, tx, seed=config.seed, frozen=frozen, keep_ema=stage.ema_decay is not None)
+      model, tx, seed=config.seed, frozen=frozen, keep_ema=stage.ema_schedule is not None)
 
 
 def init_train_state(stage: base.Stage, config, frozen: Any, sharding
@@ -58,7 +58,7 @@ def compile_steps(stage: base.Stage, config, mesh, graphdef: nnx.GraphDef, state
   schedule = train_state.learning_rate_schedule(config.optim, config.train.num_steps)
   return train_state.compile_steps(
       mesh, graphdef, state_like,
-      train_state.make_train_step(graphdef, stage.loss, tx, schedule, stage.ema_decay),
+      train_state.make_train_step(graphdef, stage.loss, tx, schedule, stage.ema_schedule),
       train_state.make_eval_step(graphdef, stage.eval_metrics))
 
 

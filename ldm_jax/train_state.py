@@ -76,8 +76,12 @@ EvalFn = Callable[[nnx.Module, Any, dict, jax.Array], dict]
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, ema_decay: float | None):
-  """(state, batch) -> (state, metrics), the one update rule of every stage."""
+                    schedule: optax.Schedule,
+                    ema_decay: Callable[[jax.Array], jax.Array] | None):
+  """(state, batch) -> (state, metrics), the one update rule of every stage.
+
+  `ema_decay(step)` gives the decay of the parameter average at each step.
+  """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -96,7 +100,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
-      ema_params = ema_lib.ema_update(ema_params, params, ema_decay)
+      decay = ema_decay(state.step)
+      ema_params = ema_lib.ema_update(ema_params, params, decay)
+      metrics = dict(metrics, ema_decay=decay)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                    learning_rate=schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, rest=rest,

@@ -8,7 +8,7 @@ loss, its per-example eval metrics and the picture written at each eval.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -26,8 +26,8 @@ class Stage(abc.ABC):
     self.config = config
 
   @property
-  def ema_decay(self) -> float | None:
-    """Decay of the parameter average kept in the state; None keeps none."""
+  def ema_schedule(self) -> Callable[[jax.Array], jax.Array] | None:
+    """`decay(step)` of the parameter average kept in the state; None keeps none."""
     return None
 
   @abc.abstractmethod

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldm_jax import data, diffusion, images, models, parallel, sampling
+from ldm_jax import data, diffusion, ema, images, models, parallel, sampling
 from ldm_jax.stages import base
 
 # (vae_workdir, step or None) -> (config dict, VAE graphdef, train state).
@@ -44,8 +44,12 @@ class LDMStage(base.Stage):
     self.num_classes = config.data.num_classes
 
   @property
-  def ema_decay(self) -> float:
-    return self.config.ldm.ema_decay
+  def ema_schedule(self) -> ema.DecaySchedule:
+    settings = self.config.ldm.ema
+    return ema.decay_schedule(
+        settings.schedule, batch_size=self.config.train.batch_size, decay=settings.decay,
+        halflife_images=settings.halflife_images, rampup_ratio=settings.rampup_ratio,
+        power_std=settings.power_std)
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     name = self.config.ldm.denoiser
@@ -89,9 +93,12 @@ class LDMStage(base.Stage):
     if class_dropout > 0:
       drop = jax.random.bernoulli(dropout_rng, class_dropout, labels.shape)
       labels = jnp.where(drop, self.num_classes, labels)
+    settings = self.config.diffusion
     return diffusion.diffusion_loss(
         self.schedule, lambda z_t, t: model(z_t, t, labels), z, diffusion_rng,
-        self.config.diffusion.prediction)
+        settings.prediction, weighting=settings.loss_weighting,
+        min_snr_gamma=settings.min_snr_gamma, timestep_sampling=settings.timestep_sampling,
+        lognormal_mean=settings.lognormal_mean, lognormal_std=settings.lognormal_std)
 
   def loss(self, model, frozen, batch, rng):
     per_example = self._per_example_loss(model, frozen, batch, rng, self.config.ldm.class_dropout)
@@ -137,7 +144,13 @@ class LDMStage(base.Stage):
     return self._generate(graphdef, state, labels, self.config.eval.batch_size)
 
 
+def _compute_dtype(config) -> str:
+  # Runs saved before mixed precision existed have no key: they were float32.
+  return config.train.get("compute_dtype", "float32")
+
+
 def _abstract_vae(config):
+  # The frozen VAE computes in the run's dtype too; its weights stay float32.
   abstract = nnx.eval_shape(lambda: models.VAE(**config.vae.model, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   return graphdef, abstract
