@@ -12,7 +12,7 @@ the same workdir resumes it.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ldm_jax import parallel
+from ldm_jax import cli, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file in configs/.",
                                           lock_config=True)
@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # Errors: one line and exit status 2 (traceback: --debug).
