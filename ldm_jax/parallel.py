@@ -20,19 +20,65 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+# The names users set by hand when no cluster manager describes the job.
+# jax.distributed.initialize() reads only the first itself.
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+# Seconds without a heartbeat after which JAX declares a process dead and
+# stops the others (JAX's default is 100).
+HEARTBEAT_TIMEOUT_ENV = "LDM_JAX_HEARTBEAT_TIMEOUT"
+
+
+def _int_from_env(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+def distributed_arguments() -> dict[str, Any]:
+  """The arguments `initialize_distributed` passes to JAX, from the environment.
+
+  Values that are not set stay None, which lets JAX discover them from the
+  cluster (Cloud TPU metadata, SLURM or Open MPI variables).
+  """
+  arguments: dict[str, Any] = {
+      "coordinator_address": os.environ.get(COORDINATOR_ENV) or None,
+      "num_processes": _int_from_env(NUM_PROCESSES_ENV),
+      "process_id": _int_from_env(PROCESS_ID_ENV),
+  }
+  heartbeat = _int_from_env(HEARTBEAT_TIMEOUT_ENV)
+  if heartbeat is not None:
+    arguments["heartbeat_timeout_seconds"] = heartbeat
+  return arguments
+
+
 def initialize_distributed(enabled: bool | None = None) -> None:
-  """Starts multi-host JAX when asked for, before any device is touched.
+  """Starts multi-process JAX when asked for, before any device is touched.
 
   `enabled=None` reads the environment variable `LDM_JAX_DISTRIBUTED` ("1" to
-  start). On Cloud TPU, SLURM and Open MPI, `jax.distributed.initialize()`
-  discovers the coordinator by itself; elsewhere set JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  start). JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID describe the job by hand; whatever is unset is
+  discovered on Cloud TPU, SLURM and Open MPI.
   """
   if enabled is None:
     enabled = os.environ.get("LDM_JAX_DISTRIBUTED", "0") == "1"
   if not enabled:
     return
-  jax.distributed.initialize()
+  arguments = distributed_arguments()
+  try:
+    jax.distributed.initialize(**arguments)
+  except ValueError as error:
+    given = {k: v for k, v in arguments.items() if v is not None}
+    raise ValueError(
+        f"cannot start the distributed run ({error}). Outside Cloud TPU, "
+        f"SLURM and Open MPI set all of {COORDINATOR_ENV} (host:port of "
+        f"process 0), {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}; given: "
+        f"{given or 'none'}") from error
   logging.info(
       "process %d of %d, %d local / %d global devices",
       jax.process_index(), jax.process_count(),
@@ -42,19 +88,22 @@ def initialize_distributed(enabled: bool | None = None) -> None:
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D mesh over the first `num_devices` devices (default: all of them).
 
-  The axis is Auto rather than Explicit (the `make_mesh` default) because the
-  whole program is classic data parallelism: shardings are fixed at the jit
-  boundary and XLA propagates them, so no function needs sharding-typed code.
+  The axis is Auto rather than Explicit (the `jax.make_mesh` default) because
+  the whole program is classic data parallelism: shardings are fixed at the
+  jit boundary and XLA propagates them, so no function needs sharding-typed
+  code. The device order is kept as given (grouped by process) rather than
+  left to `jax.make_mesh`, which may reorder devices for the interconnect.
   """
-  devices = jax.devices()
+  # Grouped by process, so that each process's devices hold one contiguous
+  # block of the batch: process p's rows are [p * B / P, (p + 1) * B / P),
+  # which is what the data pipeline gives it.
+  devices = sorted(jax.devices(), key=lambda d: d.process_index)
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
       raise ValueError(
           f"asked for {num_devices} devices, but only {len(devices)} exist")
     devices = devices[:num_devices]
-  return jax.make_mesh(
-      (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-      devices=devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

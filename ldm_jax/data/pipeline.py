@@ -1,11 +1,13 @@
 """Train and eval streams over the prepared dataset.
 
-Sharding: the global batch is split evenly over processes; each process reads
-only its own rows. For training that is a contiguous 1/process_count block of
-the (hash-shuffled, so class-balanced) stored order. For evaluation, global
-batch k is the stored rows [k * B, (k + 1) * B), and process p reads its
-contiguous slice of it, so the global batch assembled by
-`parallel.shard_batch` is in stored order on any number of processes.
+Sharding: every stream is defined globally, by the seed and the global batch
+size alone, and process p of P reads only rows [p * B / P, (p + 1) * B / P)
+of each global batch of B. `parallel.shard_batch` puts those rows on the
+process's devices, so the assembled global batch, and with it the whole run,
+is the same on any number of processes. For training the global stream is an
+epoch-wise shuffle of the split (each epoch visits every example once, over
+all processes together); for evaluation global batch k is the stored rows
+[k * B, (k + 1) * B).
 """
 
 from __future__ import annotations
@@ -49,14 +51,15 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _stream_seeds(seed: int, process_index: int) -> tuple[int, int]:
+def _stream_seeds(seed: int) -> tuple[int, int]:
   """Independent (shuffle, augmentation) seeds in grain's uint32 range.
 
-  SeedSequence mixes its inputs, so nearby run seeds or process indices give
-  unrelated streams, and shuffle and augmentation never share randomness.
+  SeedSequence mixes its input, so nearby run seeds give unrelated streams,
+  and shuffle and augmentation never share randomness. No process index goes
+  in: every process walks the same global stream.
   """
   shuffle_seed, augment_seed = np.random.SeedSequence(
-      [seed, process_index]).generate_state(2, dtype=np.uint32)
+      [seed]).generate_state(2, dtype=np.uint32)
   return int(shuffle_seed), int(augment_seed)
 
 
@@ -88,44 +91,72 @@ def _read_batch(source, indices: np.ndarray) -> dict[str, np.ndarray]:
   return {"image": images, "label": labels}
 
 
+def _take_rows(indices: np.ndarray, rows: slice) -> np.ndarray:
+  return indices[rows]
+
+
+def _augment_rows(batch: dict[str, np.ndarray], rng: np.random.Generator, *,
+                  rows: slice, global_batch_size: int, random_flip: bool,
+                  crop_padding: int) -> dict[str, np.ndarray]:
+  """`augment.augment_batch` of the global batch, restricted to `rows`.
+
+  The generator draws the random numbers of the whole global batch (a few
+  hundred integers), so an image gets the same crop and flip whichever
+  process reads it; only this process's rows are then touched.
+  """
+  # Drawn exactly as augment_batch draws for a batch of the global size.
+  flip = rng.random(global_batch_size) < 0.5 if random_flip else np.zeros(
+      global_batch_size, bool)
+  top = rng.integers(0, 2 * crop_padding + 1, size=global_batch_size)
+  left = rng.integers(0, 2 * crop_padding + 1, size=global_batch_size)
+  images = augment.crop_and_flip(batch["image"], top[rows], left[rows], flip[rows],
+                                 crop_padding)
+  return {"image": augment.to_signed_unit_range(images),
+          "label": np.asarray(batch["label"], np.int32)}
+
+
 def train_iterator(data_config: ml_collections.ConfigDict,
                    global_batch_size: int, seed: int, *,
                    process_index: int | None = None,
                    process_count: int | None = None) -> grain.DatasetIterator:
-  """The infinite, augmented, checkpointable train stream of this process.
+  """This process's part of the infinite, augmented, checkpointable train stream.
 
-  Each epoch visits this process's shard once in a new order (deterministic
-  given `seed`). Batches are cut from the repeated stream, so one may span an
-  epoch boundary and every batch is full.
+  The global stream visits the split once per epoch in a new order
+  (deterministic given `seed`) and is cut into global batches, so a batch may
+  span an epoch boundary and every batch is full. This process reads its
+  contiguous slice of each global batch; the union over processes is the
+  global batch, whatever the number of processes.
 
   Returns:
     A grain iterator of ``{image: float32 (B, 32, 32, 3) in [-1, 1],
     label: int32 (B,)}`` with B = global_batch_size // process_count. Its
     get_state()/set_state() (or grain.checkpoint.CheckpointSave/Restore with
-    orbax) resume the exact same stream.
+    orbax) resume the exact same stream. The state is a position in the
+    global stream, the same on every process and for any process count.
   """
   process_index, process_count = _process_info(process_index, process_count)
   local_batch_size = _local_batch_size(global_batch_size, process_count)
   source = open_split(data_config, "train")
   num_examples = len(source)
-  start = process_index * num_examples // process_count
-  stop = (process_index + 1) * num_examples // process_count
-  if stop - start < local_batch_size:
-    raise ValueError(f"the per-process shard ({stop - start} examples) is "
-                     f"smaller than one batch ({local_batch_size})")
-  shuffle_seed, augment_seed = _stream_seeds(seed, process_index)
+  if num_examples < global_batch_size:
+    raise ValueError(f"the train split ({num_examples} examples) is smaller "
+                     f"than one batch ({global_batch_size})")
+  rows = slice(process_index * local_batch_size,
+               (process_index + 1) * local_batch_size)
+  shuffle_seed, augment_seed = _stream_seeds(seed)
   transform = functools.partial(
-      augment.augment_batch, random_flip=data_config.random_flip,
-      crop_padding=data_config.crop_padding)
+      _augment_rows, rows=rows, global_batch_size=global_batch_size,
+      random_flip=data_config.random_flip, crop_padding=data_config.crop_padding)
   # Shuffle and batch row indices, then read each batch in one call: batched
   # reads are several times cheaper than one record at a time.
   dataset = (
-      grain.MapDataset.range(start, stop)
+      grain.MapDataset.range(num_examples)
       .shuffle(seed=shuffle_seed)
       .repeat()  # reseeds the shuffle each epoch: a new order every epoch.
-      .batch(local_batch_size, drop_remainder=True)
+      .batch(global_batch_size, drop_remainder=True)
+      .map(functools.partial(_take_rows, rows=rows))
       .map(functools.partial(_read_batch, source))
-      # random_map draws the generator from (augment_seed, batch index).
+      # random_map draws the generator from (augment_seed, global batch index).
       .random_map(transform, seed=augment_seed)
       .to_iter_dataset(grain.ReadOptions(
           num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)))

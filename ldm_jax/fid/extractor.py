@@ -47,9 +47,10 @@ class FIDModel:
   """The FID Inception-v3, loaded once and reused.
 
   Parameters are replicated over the mesh and each batch is split over its
-  devices. In a multi-process run every process passes its own images (the
-  same number in each) and gets back the features of all processes' images,
-  process by process.
+  devices. In a multi-process run every process passes the same images (all
+  of them, as the callers have them: generated samples are gathered to every
+  host, reference images read by every host); each process feeds only its
+  share of every batch, and every process gets back the features of all.
   """
 
   def __init__(self, params: dict[str, np.ndarray],
@@ -80,8 +81,9 @@ class FIDModel:
   def _step_size(self, batch_size: int, num_images: int) -> int:
     """Per-process rows per step: a multiple of the local device count, and
     no bigger than needed for `num_images` (padding is wasted compute)."""
-    local_devices = self.mesh.devices.size // jax.process_count()
-    local = max(1, min(batch_size // jax.process_count(), num_images))
+    count = jax.process_count()
+    local_devices = self.mesh.devices.size // count
+    local = max(1, min(batch_size // count, -(-num_images // count)))
     return -(-local // local_devices) * local_devices
 
   def features(self, images_uint8: np.ndarray, batch_size: int = 200,
@@ -95,24 +97,25 @@ class FIDModel:
     images = check_images(images_uint8)
     num_images = images.shape[0]
     step = self._step_size(batch_size, num_images)
-    per_process = []
+    global_step = step * jax.process_count()
+    own_rows = slice(jax.process_index() * step, (jax.process_index() + 1) * step)
+    features = []
     pending = None
 
     def collect(result, valid):
-      # (P * step, D) in process order -> (P, valid, D).
-      host = parallel.gather_to_host(result)
-      per_process.append(host.reshape(jax.process_count(), step, -1)[:, :valid])
+      # Gathered in process order, which is the order of the global batch.
+      features.append(parallel.gather_to_host(result)[:valid])
 
     with tqdm.tqdm(total=num_images, unit="img", desc="FID features",
                    disable=not progress, leave=False) as bar:
-      for start in range(0, num_images, step):
-        chunk = images[start:start + step]
+      for start in range(0, num_images, global_step):
+        chunk = images[start:start + global_step]
         valid = chunk.shape[0]
-        if valid < step:
-          padding = np.zeros((step - valid,) + chunk.shape[1:], np.uint8)
+        if valid < global_step:
+          padding = np.zeros((global_step - valid,) + chunk.shape[1:], np.uint8)
           chunk = np.concatenate([chunk, padding])
         result = _features(self._graphdef, self._state,
-                           parallel.shard_batch(self.mesh, chunk))
+                           parallel.shard_batch(self.mesh, chunk[own_rows]))
         # Fetch the previous batch only after queueing this one, so the
         # device never waits for the host copy.
         if pending is not None:
@@ -121,8 +124,7 @@ class FIDModel:
         pending = (result, valid)
       collect(*pending)
       bar.update(pending[1])
-    features = np.concatenate(per_process, axis=1)
-    return features.reshape(-1, features.shape[-1]).astype(np.float32)
+    return np.concatenate(features).astype(np.float32)
 
   def statistics(self, images_uint8: np.ndarray, batch_size: int = 200,
                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
