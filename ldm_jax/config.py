@@ -16,8 +16,11 @@ import ml_collections
 from ldm_jax import data
 
 # Keys that may change between a run and its resumption: how long, how often,
-# where the data lives. Anything else changes the model, the optimisation or
-# the data stream, so resuming under it would silently mix two experiments.
+# where the data lives, and the peak learning rate (the schedule is rebuilt
+# from it on every start and the optimiser state does not depend on it; a
+# lower one is how a run that diverged goes on from its last good checkpoint).
+# Anything else changes the model, the optimisation or the data stream, so
+# resuming under it would silently mix two experiments.
 RESUMABLE_KEYS = (
     "train.num_steps",
     "train.log_every",
@@ -25,6 +28,8 @@ RESUMABLE_KEYS = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.progress_bar",
+    "optim.learning_rate",
+    "train.compute_dtype",  # Parameters are float32 either way.
     "eval",
     "data.data_dir",
     "data.source",
@@ -49,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 5_000
   config.train.keep_checkpoints = 3  # Latest N; the best by eval loss is kept too.
   config.train.progress_bar = True
+  config.train.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 params.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 2e-4  # Peak, after warmup; cosine decay to end.

@@ -1,6 +1,9 @@
 """Building blocks shared by the VAE and the denoisers.
 
-All modules work on NHWC feature maps with float32 parameters. Pure helpers
+All modules work on NHWC feature maps with float32 parameters. `dtype` is
+the compute dtype (activations and matmul inputs): bfloat16 gives mixed
+precision, with parameters kept in float32 and normalisation statistics and
+softmax computed in float32 by the layers themselves. Pure helpers
 (`timestep_embedding`, `num_groups_for`, `upsample_nearest`) are plain
 functions so they can be tested and reused without a module around them.
 """
@@ -58,9 +61,11 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
   raise ValueError(f"channels must be positive, got {channels}")
 
 
-def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def group_norm(channels: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs) -> nnx.GroupNorm:
   return nnx.GroupNorm(
-      channels, num_groups=num_groups_for(channels), epsilon=1e-6, rngs=rngs)
+      channels, num_groups=num_groups_for(channels), epsilon=1e-6,
+      dtype=dtype, rngs=rngs)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -75,8 +80,9 @@ def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
 class Downsample(nnx.Module):
   """Halves H and W with a stride-2 3x3 conv (learned, keeps channels)."""
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(channels, channels, (3, 3), strides=(2, 2), rngs=rngs)
+  def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(channels, channels, (3, 3), strides=(2, 2),
+                         dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(x)
@@ -89,8 +95,8 @@ class Upsample(nnx.Module):
   under XLA on CPU (see bench/bench_models.py).
   """
 
-  def __init__(self, channels: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(channels, channels, (3, 3), rngs=rngs)
+  def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(channels, channels, (3, 3), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(upsample_nearest(x))
@@ -112,23 +118,24 @@ class ResBlock(nnx.Module):
       *,
       emb_dim: int | None = None,
       dropout: float | None = None,
+      dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
-    self.norm1 = group_norm(in_channels, rngs=rngs)
-    self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), rngs=rngs)
+    self.norm1 = group_norm(in_channels, dtype=dtype, rngs=rngs)
+    self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
     self.emb_proj = (
-        nnx.Linear(emb_dim, 2 * out_channels, rngs=rngs)
+        nnx.Linear(emb_dim, 2 * out_channels, dtype=dtype, rngs=rngs)
         if emb_dim is not None else None)
-    self.norm2 = group_norm(out_channels, rngs=rngs)
+    self.norm2 = group_norm(out_channels, dtype=dtype, rngs=rngs)
     # `dropout=None` builds no Dropout at all (the VAE: no RNG stream in its
     # state). Any float, even 0.0, builds one, so that a denoiser always has
     # the `deterministic` switch that `nnx.view(model, deterministic=...)`
     # looks for, whatever its dropout rate.
     self.dropout = (
         nnx.Dropout(dropout, rngs=rngs) if dropout is not None else None)
-    self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
     self.skip = (
-        nnx.Conv(in_channels, out_channels, (1, 1), rngs=rngs)
+        nnx.Conv(in_channels, out_channels, (1, 1), dtype=dtype, rngs=rngs)
         if in_channels != out_channels else None)
 
   def __call__(self, x: jax.Array, emb: jax.Array | None = None) -> jax.Array:
@@ -162,6 +169,7 @@ class MultiHeadAttention(nnx.Module):
       *,
       num_heads: int = 1,
       context_features: int | None = None,
+      dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
     if features % num_heads:
@@ -170,11 +178,11 @@ class MultiHeadAttention(nnx.Module):
           f"({num_heads})")
     context_features = context_features or features
     self.num_heads = num_heads
-    self.query = nnx.Linear(features, features, rngs=rngs)
+    self.query = nnx.Linear(features, features, dtype=dtype, rngs=rngs)
     self.key = nnx.Linear(context_features, features, use_bias=False,
-                          rngs=rngs)
-    self.value = nnx.Linear(context_features, features, rngs=rngs)
-    self.out = nnx.Linear(features, features, rngs=rngs)
+                          dtype=dtype, rngs=rngs)
+    self.value = nnx.Linear(context_features, features, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(features, features, dtype=dtype, rngs=rngs)
 
   def __call__(
       self, queries: jax.Array, context: jax.Array | None = None
@@ -208,28 +216,29 @@ class AttentionBlock(nnx.Module):
       num_heads: int = 1,
       context_dim: int | None = None,
       mlp_ratio: int = 4,
+      dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
-    self.norm = group_norm(channels, rngs=rngs)
-    self.proj_in = nnx.Conv(channels, channels, (1, 1), rngs=rngs)
-    self.self_norm = nnx.LayerNorm(channels, rngs=rngs)
+    self.norm = group_norm(channels, dtype=dtype, rngs=rngs)
+    self.proj_in = nnx.Conv(channels, channels, (1, 1), dtype=dtype, rngs=rngs)
+    self.self_norm = nnx.LayerNorm(channels, dtype=dtype, rngs=rngs)
     self.self_attn = MultiHeadAttention(
-        channels, num_heads=num_heads, rngs=rngs)
+        channels, num_heads=num_heads, dtype=dtype, rngs=rngs)
     if context_dim is not None:
-      self.cross_norm = nnx.LayerNorm(channels, rngs=rngs)
+      self.cross_norm = nnx.LayerNorm(channels, dtype=dtype, rngs=rngs)
       self.cross_attn = MultiHeadAttention(
           channels, num_heads=num_heads, context_features=context_dim,
-          rngs=rngs)
+          dtype=dtype, rngs=rngs)
     else:
       self.cross_norm = None
       self.cross_attn = None
     if mlp_ratio > 0:
-      self.mlp_norm = nnx.LayerNorm(channels, rngs=rngs)
-      self.mlp_in = nnx.Linear(channels, mlp_ratio * channels, rngs=rngs)
-      self.mlp_out = nnx.Linear(mlp_ratio * channels, channels, rngs=rngs)
+      self.mlp_norm = nnx.LayerNorm(channels, dtype=dtype, rngs=rngs)
+      self.mlp_in = nnx.Linear(channels, mlp_ratio * channels, dtype=dtype, rngs=rngs)
+      self.mlp_out = nnx.Linear(mlp_ratio * channels, channels, dtype=dtype, rngs=rngs)
     else:
       self.mlp_norm = self.mlp_in = self.mlp_out = None
-    self.proj_out = nnx.Conv(channels, channels, (1, 1), rngs=rngs)
+    self.proj_out = nnx.Conv(channels, channels, (1, 1), dtype=dtype, rngs=rngs)
 
   def __call__(
       self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ldm_jax.models.layers import small_init, timestep_embedding
@@ -21,14 +22,15 @@ class MLPBlock(nnx.Module):
 
   def __init__(
       self, hidden_dim: int, emb_dim: int, *, dropout: float = 0.0,
-      rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(hidden_dim, rngs=rngs)
-    self.dense_in = nnx.Linear(hidden_dim, hidden_dim, rngs=rngs)
-    self.emb_proj = nnx.Linear(emb_dim, hidden_dim, rngs=rngs)
+      dtype=jnp.float32, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(hidden_dim, dtype=dtype, rngs=rngs)
+    self.dense_in = nnx.Linear(hidden_dim, hidden_dim, dtype=dtype, rngs=rngs)
+    self.emb_proj = nnx.Linear(emb_dim, hidden_dim, dtype=dtype, rngs=rngs)
     # Built even at rate 0 so `nnx.view(model, deterministic=...)` always
     # finds the switch it sets.
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.dense_out = nnx.Linear(hidden_dim, hidden_dim, rngs=rngs)
+    self.dense_out = nnx.Linear(hidden_dim, hidden_dim, dtype=dtype,
+                                rngs=rngs)
 
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     h = self.dense_in(self.norm(x)) + self.emb_proj(jax.nn.silu(emb))
@@ -40,7 +42,8 @@ class MLPDenoiser(nnx.Module):
   """Denoiser ``model(z_t, t, labels)`` over latents of any shape, flattened.
 
   Labels are (B,) ints in [0, num_classes]; `num_classes` is the learned null
-  class for classifier-free guidance.
+  class for classifier-free guidance. `dtype` is the compute dtype
+  (parameters stay float32); the output is float32.
   """
 
   def __init__(
@@ -52,8 +55,10 @@ class MLPDenoiser(nnx.Module):
       num_blocks: int = 4,
       emb_dim: int = 256,
       dropout: float = 0.0,
+      dtype: str | jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    dtype = jnp.dtype(dtype)
     latent_shape = tuple(latent_shape)
     if not latent_shape or min(latent_shape) < 1:
       raise ValueError(f"latent_shape must be non-empty and positive, got "
@@ -71,17 +76,20 @@ class MLPDenoiser(nnx.Module):
     self.emb_dim = emb_dim
     latent_size = math.prod(latent_shape)
 
-    self.time_in = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
-    self.time_out = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
+    self.time_in = nnx.Linear(emb_dim, emb_dim, dtype=dtype, rngs=rngs)
+    self.time_out = nnx.Linear(emb_dim, emb_dim, dtype=dtype, rngs=rngs)
     # num_classes + 1 rows: the last one is the learned null class.
-    self.class_embed = nnx.Embed(num_classes + 1, emb_dim, rngs=rngs)
-    self.dense_in = nnx.Linear(latent_size, hidden_dim, rngs=rngs)
+    self.class_embed = nnx.Embed(num_classes + 1, emb_dim, dtype=dtype,
+                                 rngs=rngs)
+    self.dense_in = nnx.Linear(latent_size, hidden_dim, dtype=dtype,
+                               rngs=rngs)
     self.blocks = nnx.List([
-        MLPBlock(hidden_dim, emb_dim, dropout=dropout, rngs=rngs)
+        MLPBlock(hidden_dim, emb_dim, dropout=dropout, dtype=dtype, rngs=rngs)
         for _ in range(num_blocks)])
-    self.out_norm = nnx.LayerNorm(hidden_dim, rngs=rngs)
+    self.out_norm = nnx.LayerNorm(hidden_dim, dtype=dtype, rngs=rngs)
     self.dense_out = nnx.Linear(
-        hidden_dim, latent_size, kernel_init=small_init, rngs=rngs)
+        hidden_dim, latent_size, kernel_init=small_init, dtype=dtype,
+        rngs=rngs)
 
   def __call__(
       self, z_t: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
@@ -93,4 +101,5 @@ class MLPDenoiser(nnx.Module):
     h = self.dense_in(z_t.reshape(batch, -1))
     for block in self.blocks:
       h = block(h, emb)
-    return self.dense_out(jax.nn.silu(self.out_norm(h))).reshape(z_t.shape)
+    out = self.dense_out(jax.nn.silu(self.out_norm(h))).reshape(z_t.shape)
+    return out.astype(jnp.float32)  # The loss and samplers stay float32.

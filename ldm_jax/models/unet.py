@@ -44,7 +44,9 @@ class UNet(nnx.Module):
   Call as ``model(z_t, t, labels)`` with t (B,) timesteps (int or float) and
   labels (B,) int32 in [0, num_classes], `num_classes` meaning "no class".
   Dropout is active unless the model is in eval mode
-  (``nnx.view(model, deterministic=True)`` or ``model.eval()``).
+  (``nnx.view(model, deterministic=True)`` or ``model.eval()``). `dtype` is
+  the compute dtype (bfloat16 for mixed precision; parameters stay float32);
+  the output is float32 either way.
   """
 
   def __init__(
@@ -60,8 +62,10 @@ class UNet(nnx.Module):
       context_dim: int = 256,
       context_tokens: int = 4,
       dropout: float = 0.1,
+      dtype: str | jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    dtype = jnp.dtype(dtype)
     latent_shape = tuple(latent_shape)
     channel_multipliers = tuple(channel_multipliers)
     attention_levels = tuple(sorted(set(attention_levels)))
@@ -103,21 +107,25 @@ class UNet(nnx.Module):
     self.time_embed_dim = channels
     emb_dim = 4 * channels
 
-    self.time_in = nnx.Linear(channels, emb_dim, rngs=rngs)
-    self.time_out = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
+    self.time_in = nnx.Linear(channels, emb_dim, dtype=dtype, rngs=rngs)
+    self.time_out = nnx.Linear(emb_dim, emb_dim, dtype=dtype, rngs=rngs)
     # num_classes + 1 rows: the last one is the learned null class.
     self.class_embed = nnx.Embed(
-        num_classes + 1, context_tokens * context_dim, rngs=rngs)
-    self.class_to_emb = nnx.Linear(context_dim, emb_dim, rngs=rngs)
+        num_classes + 1, context_tokens * context_dim, dtype=dtype, rngs=rngs)
+    self.class_to_emb = nnx.Linear(context_dim, emb_dim, dtype=dtype,
+                                   rngs=rngs)
 
     def res(cin, cout):
-      return ResBlock(cin, cout, emb_dim=emb_dim, dropout=dropout, rngs=rngs)
+      return ResBlock(cin, cout, emb_dim=emb_dim, dropout=dropout,
+                      dtype=dtype, rngs=rngs)
 
     def attn(width):
       return AttentionBlock(
-          width, num_heads=num_heads, context_dim=context_dim, rngs=rngs)
+          width, num_heads=num_heads, context_dim=context_dim, dtype=dtype,
+          rngs=rngs)
 
-    self.conv_in = nnx.Conv(latent_shape[-1], widths[0], (3, 3), rngs=rngs)
+    self.conv_in = nnx.Conv(latent_shape[-1], widths[0], (3, 3), dtype=dtype,
+                            rngs=rngs)
     skip_widths = [widths[0]]
     in_ch = widths[0]
     down_levels = []
@@ -131,7 +139,7 @@ class UNet(nnx.Module):
         skip_widths.append(in_ch)
       downsample = None
       if level < num_levels - 1:
-        downsample = Downsample(in_ch, rngs=rngs)
+        downsample = Downsample(in_ch, dtype=dtype, rngs=rngs)
         skip_widths.append(in_ch)
       down_levels.append(_Level(res_blocks, attn_blocks, downsample))
     self.down_levels = nnx.List(down_levels)
@@ -153,13 +161,15 @@ class UNet(nnx.Module):
         if level in attention_levels:
           attn_blocks.append(attn(widths[level]))
         in_ch = widths[level]
-      upsample = Upsample(in_ch, rngs=rngs) if level > 0 else None
+      upsample = (Upsample(in_ch, dtype=dtype, rngs=rngs) if level > 0
+                  else None)
       up_levels.append(_Level(res_blocks, attn_blocks, upsample))
     self.up_levels = nnx.List(up_levels)
 
-    self.out_norm = group_norm(in_ch, rngs=rngs)
+    self.out_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
     self.conv_out = nnx.Conv(
-        in_ch, latent_shape[-1], (3, 3), kernel_init=small_init, rngs=rngs)
+        in_ch, latent_shape[-1], (3, 3), kernel_init=small_init, dtype=dtype,
+        rngs=rngs)
 
   def class_context(self, labels: jax.Array) -> jax.Array:
     """(B,) labels -> (B, context_tokens, context_dim) cross-attention tokens."""
@@ -202,4 +212,7 @@ class UNet(nnx.Module):
       if level.resample is not None:
         h = level.resample(h)
 
-    return self.conv_out(jax.nn.silu(self.out_norm(h)))
+    # float32 out whatever the compute dtype: the loss and the samplers'
+    # arithmetic stay in full precision.
+    out = self.conv_out(jax.nn.silu(self.out_norm(h)))
+    return out.astype(jnp.float32)

@@ -79,6 +79,8 @@ class VAE(nnx.Module):
   Widths are ``channels * channel_multipliers[level]``; each level but the
   last ends in a stride-2 downsampling, so f = 2**(len(channel_multipliers)-1).
   The decoder mirrors the encoder and upsamples by nearest resize + conv.
+  `dtype` is the compute dtype (bfloat16 for mixed precision; parameters stay
+  float32); the posterior moments and the decoded images are float32.
   """
 
   def __init__(
@@ -93,8 +95,10 @@ class VAE(nnx.Module):
       latent_channels: int = 4,
       latent_dim: int = 128,
       attention: bool = False,
+      dtype: str | jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    dtype = jnp.dtype(dtype)
     channel_multipliers = tuple(channel_multipliers)
     if latent not in LATENT_FORMS:
       raise ValueError(
@@ -127,48 +131,53 @@ class VAE(nnx.Module):
     self.bottom_channels = widths[-1]
 
     # Encoder.
-    self.enc_in = nnx.Conv(image_channels, widths[0], (3, 3), rngs=rngs)
+    self.enc_in = nnx.Conv(image_channels, widths[0], (3, 3), dtype=dtype,
+                           rngs=rngs)
     enc_blocks, enc_downs = [], []
     in_ch = widths[0]
     for level, width in enumerate(widths):
       blocks = []
       for _ in range(num_res_blocks):
-        blocks.append(ResBlock(in_ch, width, rngs=rngs))
+        blocks.append(ResBlock(in_ch, width, dtype=dtype, rngs=rngs))
         in_ch = width
       enc_blocks.append(nnx.List(blocks))
       if level < len(widths) - 1:
-        enc_downs.append(Downsample(in_ch, rngs=rngs))
+        enc_downs.append(Downsample(in_ch, dtype=dtype, rngs=rngs))
     self.enc_blocks = nnx.List(enc_blocks)
     self.enc_downs = nnx.List(enc_downs)
-    self.enc_mid = _MidBlock(in_ch, attention, rngs=rngs)
-    self.enc_norm = group_norm(in_ch, rngs=rngs)
+    self.enc_mid = _MidBlock(in_ch, attention, dtype=dtype, rngs=rngs)
+    self.enc_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
 
     bottom_features = self.bottom_size ** 2 * in_ch
     if latent == "spatial":
       self.to_moments = nnx.Conv(
           in_ch, 2 * latent_channels, (3, 3), kernel_init=small_init,
-          rngs=rngs)
-      self.from_latent = nnx.Conv(latent_channels, in_ch, (3, 3), rngs=rngs)
+          dtype=dtype, rngs=rngs)
+      self.from_latent = nnx.Conv(latent_channels, in_ch, (3, 3),
+                                  dtype=dtype, rngs=rngs)
     else:
       self.to_moments = nnx.Linear(
-          bottom_features, 2 * latent_dim, kernel_init=small_init, rngs=rngs)
-      self.from_latent = nnx.Linear(latent_dim, bottom_features, rngs=rngs)
+          bottom_features, 2 * latent_dim, kernel_init=small_init,
+          dtype=dtype, rngs=rngs)
+      self.from_latent = nnx.Linear(latent_dim, bottom_features, dtype=dtype,
+                                    rngs=rngs)
 
     # Decoder: mirror image of the encoder.
-    self.dec_mid = _MidBlock(in_ch, attention, rngs=rngs)
+    self.dec_mid = _MidBlock(in_ch, attention, dtype=dtype, rngs=rngs)
     dec_blocks, dec_ups = [], []
     for level in reversed(range(len(widths))):
       blocks = []
       for _ in range(num_res_blocks):
-        blocks.append(ResBlock(in_ch, widths[level], rngs=rngs))
+        blocks.append(ResBlock(in_ch, widths[level], dtype=dtype, rngs=rngs))
         in_ch = widths[level]
       dec_blocks.append(nnx.List(blocks))
       if level > 0:
-        dec_ups.append(Upsample(in_ch, rngs=rngs))
+        dec_ups.append(Upsample(in_ch, dtype=dtype, rngs=rngs))
     self.dec_blocks = nnx.List(dec_blocks)
     self.dec_ups = nnx.List(dec_ups)
-    self.dec_norm = group_norm(in_ch, rngs=rngs)
-    self.dec_out = nnx.Conv(in_ch, image_channels, (3, 3), rngs=rngs)
+    self.dec_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
+    self.dec_out = nnx.Conv(in_ch, image_channels, (3, 3), dtype=dtype,
+                            rngs=rngs)
 
   @property
   def latent_shape(self) -> tuple[int, ...]:
@@ -193,7 +202,9 @@ class VAE(nnx.Module):
     h = jax.nn.silu(self.enc_norm(self.enc_mid(h)))
     if self.latent == "vector":
       h = h.reshape(h.shape[0], -1)
-    mean, logvar = jnp.split(self.to_moments(h), 2, axis=-1)
+    # The posterior, its sample and the KL are float32 at any compute dtype.
+    moments = self.to_moments(h).astype(jnp.float32)
+    mean, logvar = jnp.split(moments, 2, axis=-1)
     return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
   def decode(self, z: jax.Array) -> jax.Array:
@@ -208,7 +219,8 @@ class VAE(nnx.Module):
         h = block(h)
       if level < len(self.dec_ups):
         h = self.dec_ups[level](h)
-    return self.dec_out(jax.nn.silu(self.dec_norm(h)))
+    out = self.dec_out(jax.nn.silu(self.dec_norm(h)))
+    return out.astype(jnp.float32)
 
   def __call__(
       self, x: jax.Array, rng: jax.Array
@@ -236,12 +248,14 @@ class _MidBlock(nnx.Module):
   attention over all positions is cheapest.
   """
 
-  def __init__(self, channels: int, attention: bool, *, rngs: nnx.Rngs):
-    self.res1 = ResBlock(channels, channels, rngs=rngs)
+  def __init__(self, channels: int, attention: bool, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.res1 = ResBlock(channels, channels, dtype=dtype, rngs=rngs)
     self.attn = (
-        AttentionBlock(channels, num_heads=1, mlp_ratio=0, rngs=rngs)
+        AttentionBlock(channels, num_heads=1, mlp_ratio=0, dtype=dtype,
+                       rngs=rngs)
         if attention else None)
-    self.res2 = ResBlock(channels, channels, rngs=rngs)
+    self.res2 = ResBlock(channels, channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.res1(x)

@@ -55,7 +55,7 @@ class LDMStage(base.Stage):
     name = self.config.ldm.denoiser
     return models.make_denoiser(name, latent_shape=self.latent_shape,
                                 num_classes=self.num_classes, rngs=rngs,
-                                **self.config[name].to_dict())
+                                dtype=_compute_dtype(self.config), **self.config[name].to_dict())
 
   def init_frozen(self, batches: Iterator[dict] | None) -> Any:
     if batches is None:
@@ -151,6 +151,7 @@ def _compute_dtype(config) -> str:
 
 def _abstract_vae(config):
   # The frozen VAE computes in the run's dtype too; its weights stay float32.
-  abstract = nnx.eval_shape(lambda: models.VAE(**config.vae.model, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: models.VAE(**config.vae.model, dtype=_compute_dtype(config),
+                                               rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   return graphdef, abstract

@@ -28,7 +28,8 @@ class VAEStage(base.Stage):
   picture_name = "comparison.png"
 
   def build_model(self, rngs: nnx.Rngs) -> vae_lib.VAE:
-    return vae_lib.VAE(**self.config.vae.model, rngs=rngs)
+    return vae_lib.VAE(**self.config.vae.model,
+                       dtype=self.config.train.get("compute_dtype", "float32"), rngs=rngs)
 
   def _losses(self, model, batch, rng):
     x = batch["image"]
