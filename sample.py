@@ -12,11 +12,9 @@ Writes, under --out:
 
 from __future__ import annotations
 
-import os
-from typing import Sequence
-
-import numpy as np
 from absl import app, flags, logging
+
+from ldm_jax.sample_job import OUTPUTS, check_out_dir, parse_classes, run  # noqa: F401
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an LDM run.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (must be new or empty).")
@@ -36,101 +34,10 @@ _GRID_CLASSES = flags.DEFINE_integer("grid_classes", 10, "Rows of the grid at mo
 _FID = flags.DEFINE_bool("fid", False, "Also compute FID against the train statistics.")
 _FID_WEIGHTS = flags.DEFINE_string("fid_weights", None, "Inception weights for --fid.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: the run's).")
+_FID_REFERENCE = flags.DEFINE_string(
+    "fid_reference", None,
+    "Statistics .npz to score against (default: the cached train statistics, computed once).")
 flags.mark_flags_as_required(["workdir", "out"])
-
-OUTPUTS = ("generated_samples", "grid_samples.png", "comparison.png", "samples.npz")
-
-
-def parse_classes(values: Sequence[str] | None, names: Sequence[str]) -> list[int]:
-  """Class ids from ids or names; a clear error for anything else."""
-  if not values:
-    return list(range(len(names)))
-  index = {name: i for i, name in enumerate(names)}
-  classes = []
-  for value in values:
-    value = value.strip()
-    if value.lstrip("-").isdigit():
-      class_id = int(value)
-      if not 0 <= class_id < len(names):
-        raise ValueError(f"class id {class_id} is out of range 0..{len(names) - 1}")
-    elif value in index:
-      class_id = index[value]
-    else:
-      raise ValueError(f"unknown class {value!r}; names are e.g. {', '.join(names[:5])}, ...")
-    classes.append(class_id)
-  return classes
-
-
-def check_out_dir(out: str) -> None:
-  clash = [name for name in OUTPUTS if os.path.exists(os.path.join(out, name))]
-  if clash:
-    raise FileExistsError(f"{out} already holds {', '.join(clash)}; "
-                          "pick a new --out so nothing is overwritten")
-
-
-def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, guidance: float,
-        classes: Sequence[str] | None = None, seed: int = 0, batch_size: int = 256,
-        eta: float = 0.0, step: int | None = None, use_ema: bool = True,
-        grid_per_class: int = 10, grid_classes: int = 10, fid: bool = False,
-        fid_weights: str | None = None, data_dir: str | None = None) -> dict:
-  import jax
-  import ml_collections
-  from ldm_jax import data, images, parallel, runs, sampling
-
-  # Everything that can be wrong is checked before any sampling starts.
-  settings = sampling.SamplerSettings(sampler=sampler, num_steps=steps, guidance=guidance,
-                                      eta=eta)
-  if num_samples < 1:
-    raise ValueError(f"--num_samples must be positive, got {num_samples}")
-  check_out_dir(out)
-  saved = runs.load_config(workdir, step)
-  if saved.get("stage") != "ldm":
-    raise ValueError(f"{workdir} is a {saved.get('stage')!r} run; sample.py needs an LDM run")
-  config = ml_collections.ConfigDict(saved)
-  if data_dir is not None:
-    config.data.data_dir = data_dir
-  data.ensure_prepared(config.data)
-  names = data.class_names(config.data)
-  class_ids = parse_classes(classes, names)
-
-  mesh = parallel.make_mesh()
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  _, graphdef, state = runs.load_run(workdir, step, mesh)
-  stage = runs.make_stage(config)
-  params = state.eval_params() if use_ema else state.params
-
-  labels = np.asarray(class_ids, np.int32)[np.arange(num_samples) % len(class_ids)]
-  generated = sampling.generate(stage.decoder(graphdef), settings, params, state.rest,
-                                state.frozen, labels, seed=seed, batch_size=batch_size,
-                                mesh=mesh, progress=True)
-
-  samples_dir = os.path.join(out, "generated_samples")
-  os.makedirs(samples_dir, exist_ok=True)
-  for index, (image, label) in enumerate(zip(generated, labels)):
-    images.save_png(os.path.join(samples_dir, f"{index:05d}_{names[label]}.png"), image)
-
-  shown = list(dict.fromkeys(class_ids))[:grid_classes]
-  rows = [generated[labels == c][:grid_per_class] for c in shown]
-  images.save_png(os.path.join(out, "grid_samples.png"),
-                  images.labelled_rows(rows, [names[c] for c in shown]))
-
-  count = -(-grid_per_class // mesh.devices.size) * mesh.devices.size
-  test = next(iter(data.eval_batches(config.data, count, num_examples=count)))
-  originals = test["image"][:grid_per_class]
-  from ldm_jax.stages import vae as vae_stage
-  reconstructions = vae_stage.reconstruct(
-      stage.vae_graphdef, state.frozen["vae"]["params"], state.frozen["vae"]["rest"],
-      jax.numpy.asarray(originals))
-  images.save_png(os.path.join(out, "comparison.png"), images.comparison(
-      images.to_uint8(originals), images.to_uint8(np.asarray(reconstructions))))
-  np.savez(os.path.join(out, "samples.npz"), images=generated, labels=labels)
-
-  result = {"num_samples": len(generated)}
-  if fid:
-    from ldm_jax import fid as fid_lib
-    result[fid_lib.fid_name(len(generated))] = fid_lib.fid_against_reference(
-        generated, config.data, weights=fid_weights)
-  return result
 
 
 def main(argv):
@@ -142,7 +49,8 @@ def main(argv):
       steps=_STEPS.value, guidance=_GUIDANCE.value, classes=_CLASSES.value, seed=_SEED.value,
       batch_size=_BATCH_SIZE.value, eta=_ETA.value, step=_STEP.value, use_ema=_USE_EMA.value,
       grid_per_class=_GRID_PER_CLASS.value, grid_classes=_GRID_CLASSES.value, fid=_FID.value,
-      fid_weights=_FID_WEIGHTS.value, data_dir=_DATA_DIR.value)
+      fid_weights=_FID_WEIGHTS.value, fid_reference=_FID_REFERENCE.value,
+      data_dir=_DATA_DIR.value)
   print(f"wrote {result['num_samples']} samples to {_OUT.value}")
   for key, value in result.items():
     if key.startswith("FID"):
@@ -150,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # Errors: one line and exit status 2 (traceback: --debug).

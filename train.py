@@ -1,5 +1,7 @@
-"""Trains a stage of ldm-jax (the VAE or the latent diffusion model).
+"""Trains ldm-jax: the main job (both stages, samples, FID) or a single stage.
 
+  python train.py --config=configs/cifar100_cpu.py --workdir=runs/main \
+      --config.data.source=DIR --config.fid.reference=STATS.npz
   python train.py --config=configs/cifar100_vae.py --workdir=runs/vae
   python train.py --config=configs/cifar100_ldm.py --workdir=runs/ldm \
       --config.vae_checkpoint=runs/vae
@@ -31,8 +33,13 @@ def main(argv):
   # logs every checkpoint file it writes) stays out of the way.
   logging.set_verbosity(logging.WARNING)
   parallel.initialize_distributed(_DISTRIBUTED.value)
-  from ldm_jax import train_loop  # After distributed start-up, which must come first.
-  train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # After distributed start-up, which must come first.
+  from ldm_jax import pipeline, train_loop
+  if pipeline.is_pipeline(_CONFIG.value):
+    results = pipeline.run(_CONFIG.value, _WORKDIR.value)
+    print(pipeline.summary(results))
+  else:
+    train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

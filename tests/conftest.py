@@ -91,3 +91,24 @@ def vae_workdir(tiny_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("vae_run"))
   train_loop.train_and_evaluate(vae_config(tiny_data_dir), workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def random_fid_weights(tmp_path_factory):
+  """FID Inception weights of the right shapes, random (He-scaled): for tests
+  of the plumbing around the network, not of the network itself."""
+  from ldm_jax.fid import weights as weights_lib
+  rng = np.random.default_rng(0)
+  params = {}
+  for name, shape in weights_lib.expected_param_shapes().items():
+    if name.endswith("kernel"):
+      fan_in = shape[0] * shape[1] * shape[2]
+      params[name] = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
+    elif name.endswith("var"):
+      params[name] = rng.uniform(0.5, 1.5, shape)
+    else:
+      params[name] = 0.1 * rng.normal(size=shape)
+  params = {k: v.astype(np.float32) for k, v in params.items()}
+  path = str(tmp_path_factory.mktemp("weights") / "random.npz")
+  weights_lib.save_weights(params, {"source": "random"}, path)
+  return path

@@ -25,24 +25,6 @@ DEVICES = ["--num-devices", "2", "--batch-size", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def weights_path(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  params = {}
-  for name, shape in weights_lib.expected_param_shapes().items():
-    if name.endswith("kernel"):
-      fan_in = shape[0] * shape[1] * shape[2]
-      params[name] = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
-    elif name.endswith("var"):
-      params[name] = rng.uniform(0.5, 1.5, shape)
-    else:
-      params[name] = 0.1 * rng.normal(size=shape)
-  params = {k: v.astype(np.float32) for k, v in params.items()}
-  path = str(tmp_path_factory.mktemp("weights") / "random.npz")
-  weights_lib.save_weights(params, {"source": "random"}, path)
-  return path
-
-
-@pytest.fixture(scope="module")
 def image_sets():
   rng = np.random.default_rng(1)
   first = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
@@ -62,7 +44,7 @@ def _fid_from_output(out: str) -> float:
   return float(last.split()[1])
 
 
-def test_npz_folder_and_stats_forms_agree(tmp_path, capsys, weights_path,
+def test_npz_folder_and_stats_forms_agree(tmp_path, capsys, random_fid_weights,
                                           image_sets):
   first, second = image_sets
   a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
@@ -76,7 +58,7 @@ def test_npz_folder_and_stats_forms_agree(tmp_path, capsys, weights_path,
 
   def save_stats(source, out):
     code, printed, err = _run(capsys, "--save-stats", source, out,
-                              "--weights", weights_path, *DEVICES)
+                              "--weights", random_fid_weights, *DEVICES)
     assert code == 0, err
     assert out in printed
     return stats.load_statistics(out)
@@ -88,13 +70,13 @@ def test_npz_folder_and_stats_forms_agree(tmp_path, capsys, weights_path,
   np.testing.assert_allclose(mu_f, mu_a, rtol=0, atol=1e-6)
   np.testing.assert_allclose(sigma_f, sigma_a, rtol=0, atol=1e-6)
   # The statistics are those of FIDModel's features.
-  model = extractor.FIDModel.load(weights_path, mesh=parallel.make_mesh(2))
+  model = extractor.FIDModel.load(random_fid_weights, mesh=parallel.make_mesh(2))
   features = model.features(first, progress=False)
   np.testing.assert_allclose(mu_a, features.mean(0), rtol=1e-6, atol=1e-6)
 
   # Images against statistics: the last line is the FID of the two.
   code, out, err = _run(capsys, a, str(tmp_path / "b_stats.npz"),
-                        "--weights", weights_path, *DEVICES)
+                        "--weights", random_fid_weights, *DEVICES)
   assert code == 0, err
   assert "FID-2" in err
   expected = stats.frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
@@ -102,26 +84,26 @@ def test_npz_folder_and_stats_forms_agree(tmp_path, capsys, weights_path,
   assert _fid_from_output(out) == pytest.approx(expected, rel=1e-5)
 
 
-def test_num_uses_the_first_images(tmp_path, capsys, weights_path,
+def test_num_uses_the_first_images(tmp_path, capsys, random_fid_weights,
                                    image_sets):
   first, second = image_sets
   both = str(tmp_path / "both.npz")
   np.savez(both, images=np.concatenate([first, second]))
   out = str(tmp_path / "first_two.npz")
   code, _, err = _run(capsys, "--save-stats", both, out, "--num", "2",
-                      "--weights", weights_path, *DEVICES)
+                      "--weights", random_fid_weights, *DEVICES)
   assert code == 0, err
   mu, _, meta = stats.load_statistics(out)
   assert meta["num_images"] == 2
-  model = extractor.FIDModel.load(weights_path, mesh=parallel.make_mesh(2))
+  model = extractor.FIDModel.load(random_fid_weights, mesh=parallel.make_mesh(2))
   np.testing.assert_allclose(
       mu, model.features(first, progress=False).mean(0), rtol=1e-6, atol=1e-6)
   code, _, err = _run(capsys, both, both, "--num", "5", "--weights",
-                      weights_path, *DEVICES)
+                      random_fid_weights, *DEVICES)
   assert code == 1 and "only 4 images" in err
 
 
-def test_input_errors_are_clear(tmp_path, capsys, weights_path, image_sets):
+def test_input_errors_are_clear(tmp_path, capsys, random_fid_weights, image_sets):
   good = str(tmp_path / "good.npz")
   np.savez(good, images=image_sets[0])
   gray = tmp_path / "gray"
@@ -143,7 +125,7 @@ def test_input_errors_are_clear(tmp_path, capsys, weights_path, image_sets):
            (one_channel, "(N, H, W, 3)"), (other, "expected `images`"),
            (str(tmp_path / "missing"), "no such file")]
   for path, message in cases:
-    code, out, err = _run(capsys, path, good, "--weights", weights_path,
+    code, out, err = _run(capsys, path, good, "--weights", random_fid_weights,
                           *DEVICES)
     assert code == 1, path
     assert message in err, (path, err)
@@ -163,7 +145,7 @@ def test_missing_weights_is_a_clear_cli_error(tmp_path, capsys, monkeypatch,
 
 
 def test_reference_statistics_are_cached(tmp_path, monkeypatch, capsys,
-                                         weights_path, image_sets):
+                                         random_fid_weights, image_sets):
   """ref-stats computes once, writes under the cache and then reuses it."""
   from ldm_jax import data  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(weights_lib.CACHE_ENV, str(tmp_path / "cache"))
@@ -176,7 +158,7 @@ def test_reference_statistics_are_cached(tmp_path, monkeypatch, capsys,
   monkeypatch.setattr(data, "ensure_prepared", lambda data_config: None)
   monkeypatch.setattr(data, "load_split_images", fake_load_split_images)
   code, out, err = _run(capsys, "ref-stats", "--data_dir", str(tmp_path),
-                        "--split", "test", "--weights", weights_path,
+                        "--split", "test", "--weights", random_fid_weights,
                         *DEVICES)
   assert code == 0, err
   path = out.strip().splitlines()[-1]
@@ -187,7 +169,7 @@ def test_reference_statistics_are_cached(tmp_path, monkeypatch, capsys,
 
   # Second time: from the cache, no images read.
   config = data.default_data_config()
-  model = extractor.FIDModel.load(weights_path, mesh=parallel.make_mesh(2))
+  model = extractor.FIDModel.load(random_fid_weights, mesh=parallel.make_mesh(2))
   cached_mu, cached_sigma = reference.reference_statistics(
       config, "test", model=model, progress=False)
   assert calls == ["test"]
@@ -201,11 +183,11 @@ def test_reference_statistics_are_cached(tmp_path, monkeypatch, capsys,
 
 
 def test_train_stats_path_uses_cached_reference(tmp_path, monkeypatch, capsys,
-                                                weights_path, image_sets):
+                                                random_fid_weights, image_sets):
   from ldm_jax import data  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(weights_lib.CACHE_ENV, str(tmp_path / "cache"))
   monkeypatch.chdir(tmp_path)
-  model = extractor.FIDModel.load(weights_path, mesh=parallel.make_mesh(2))
+  model = extractor.FIDModel.load(random_fid_weights, mesh=parallel.make_mesh(2))
   mu, sigma = model.statistics(image_sets[1], progress=False)
   config = data.default_data_config()
   stats.save_statistics(
@@ -213,6 +195,6 @@ def test_train_stats_path_uses_cached_reference(tmp_path, monkeypatch, capsys,
       mu, sigma)
   monkeypatch.setattr(data, "load_split_images", None)  # must not be read
   code, out, err = _run(capsys, "--save-stats", "train-stats", "t.npz",
-                        "--weights", weights_path, *DEVICES)
+                        "--weights", random_fid_weights, *DEVICES)
   assert code == 0, err
   np.testing.assert_array_equal(stats.load_statistics("t.npz")[0], mu)

@@ -78,16 +78,23 @@ def fid_against_reference(images_uint8: np.ndarray,
                           weights: str | os.PathLike | None = None, *,
                           model: FIDModel | None = None,
                           batch_size: int = 200,
-                          progress: bool = True) -> float:
+                          progress: bool = True,
+                          reference: str | os.PathLike | None = None) -> float:
   """FID of generated uint8 NHWC images against the real `split`.
+
+  `reference`, a statistics .npz (`stats.save_statistics`, or pytorch-fid's
+  mu/sigma files), replaces the cached statistics of `split`.
 
   Report it with its sample count (`stats.fid_name(len(images_uint8))`):
   FID is biased by N, so FID-512 and FID-50k are different numbers.
   """
   model = model or cached_model(weights)
-  mu_ref, sigma_ref = reference_statistics(
-      data_config, split, weights, model=model, batch_size=batch_size,
-      progress=progress)
+  if reference is not None:
+    mu_ref, sigma_ref, _ = stats.load_statistics(os.fspath(reference))
+  else:
+    mu_ref, sigma_ref = reference_statistics(
+        data_config, split, weights, model=model, batch_size=batch_size,
+        progress=progress)
   mu, sigma = model.statistics(images_uint8, batch_size=batch_size,
                                progress=progress)
   return stats.frechet_distance(mu, sigma, mu_ref, sigma_ref)

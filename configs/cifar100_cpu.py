@@ -1,0 +1,38 @@
+"""The main job sized for one hour on a 2-core CPU: VAE, LDM, samples, FID.
+
+  python train.py --config=configs/cifar100_cpu.py --workdir=runs/cpu \
+      --config.data.source=../shared/data/cifar100 \
+      --config.fid.reference=../shared/data/fid/cifar100_train_stats.npz
+
+The two stage recipes of configs/cifar100.py, shrunk until the whole job fits
+the hour; every choice below was ranked by short runs at an equal budget on
+this machine (docs/results.md has the table, losers included).
+
+Results: see docs/results.md (filled from the runs of this recipe).
+"""
+
+from configs import cifar100_ldm, cifar100_vae
+from ldm_jax import pipeline
+
+
+def get_config():
+  vae = cifar100_vae.get_config()
+  vae.vae.model.update(channels=32, num_res_blocks=1)  # 16x16x4 latent (f=2).
+  vae.train.update(batch_size=64, num_steps=400, eval_every=400, checkpoint_every=100,
+                   log_every=25)
+  vae.optim.update(learning_rate=1e-3, warmup_steps=50)
+  vae.eval.num_examples = 1_000
+
+  ldm = cifar100_ldm.get_config()
+  ldm.unet.update(channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+                  attention_levels=(1,), context_dim=128)
+  ldm.train.update(batch_size=64, num_steps=2_000, eval_every=2_000, checkpoint_every=250,
+                   log_every=50)
+  ldm.optim.update(learning_rate=1e-3, warmup_steps=100)
+  ldm.eval.num_examples = 1_000
+
+  config = pipeline.base_pipeline_config(vae, ldm)
+  # Flips only, as DDPM and EDM train CIFAR: the original's zero-padded crop
+  # (data.crop_padding=4) teaches both stages black borders.
+  config.data.crop_padding = 0
+  return config

@@ -1,0 +1,114 @@
+"""Samples a trained LDM workdir into the files a user looks at, and scores them.
+
+What `sample.py` writes, as a function, so that the main job (ldm_jax.pipeline)
+writes the very same files:
+  generated_samples/   one PNG per image, named <index>_<class name>.png
+  grid_samples.png     one row per class shown, its name at the left
+  comparison.png       test images (top) above their VAE reconstructions
+  samples.npz          images (uint8 NHWC) and labels, the input of python -m ldm_jax.fid
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+OUTPUTS = ("generated_samples", "grid_samples.png", "comparison.png", "samples.npz")
+
+
+def parse_classes(values: Sequence[str] | None, names: Sequence[str]) -> list[int]:
+  """Class ids from ids or names; a clear error for anything else."""
+  if not values:
+    return list(range(len(names)))
+  index = {name: i for i, name in enumerate(names)}
+  classes = []
+  for value in values:
+    value = value.strip()
+    if value.lstrip("-").isdigit():
+      class_id = int(value)
+      if not 0 <= class_id < len(names):
+        raise ValueError(f"class id {class_id} is out of range 0..{len(names) - 1}")
+    elif value in index:
+      class_id = index[value]
+    else:
+      raise ValueError(f"unknown class {value!r}; names are e.g. {', '.join(names[:5])}, ...")
+    classes.append(class_id)
+  return classes
+
+
+def check_out_dir(out: str) -> None:
+  clash = [name for name in OUTPUTS if os.path.exists(os.path.join(out, name))]
+  if clash:
+    raise FileExistsError(f"{out} already holds {', '.join(clash)}; "
+                          "pick a new --out so nothing is overwritten")
+
+
+def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, guidance: float,
+        classes: Sequence[str] | None = None, seed: int = 0, batch_size: int = 256,
+        eta: float = 0.0, step: int | None = None, use_ema: bool = True,
+        grid_per_class: int = 10, grid_classes: int = 10, fid: bool = False,
+        fid_weights: str | None = None, fid_reference: str | None = None,
+        data_dir: str | None = None) -> dict:
+  """Writes OUTPUTS under `out` and returns {num_samples, FID-<n> if `fid`}."""
+  import jax
+  import ml_collections
+  from ldm_jax import data, images, parallel, runs, sampling
+
+  # Everything that can be wrong is checked before any sampling starts.
+  settings = sampling.SamplerSettings(sampler=sampler, num_steps=steps, guidance=guidance,
+                                      eta=eta)
+  if num_samples < 1:
+    raise ValueError(f"--num_samples must be positive, got {num_samples}")
+  check_out_dir(out)
+  saved = runs.load_config(workdir, step)
+  if saved.get("stage") != "ldm":
+    raise ValueError(f"{workdir} is a {saved.get('stage')!r} run; sample.py needs an LDM run")
+  config = ml_collections.ConfigDict(saved)
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  data.ensure_prepared(config.data)
+  names = data.class_names(config.data)
+  class_ids = parse_classes(classes, names)
+
+  mesh = parallel.make_mesh()
+  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+  _, graphdef, state = runs.load_run(workdir, step, mesh)
+  stage = runs.make_stage(config)
+  params = state.eval_params() if use_ema else state.params
+
+  labels = np.asarray(class_ids, np.int32)[np.arange(num_samples) % len(class_ids)]
+  generated = sampling.generate(stage.decoder(graphdef), settings, params, state.rest,
+                                state.frozen, labels, seed=seed, batch_size=batch_size,
+                                mesh=mesh, progress=True)
+
+  samples_dir = os.path.join(out, "generated_samples")
+  os.makedirs(samples_dir, exist_ok=True)
+  for index, (image, label) in enumerate(zip(generated, labels)):
+    images.save_png(os.path.join(samples_dir, f"{index:05d}_{names[label]}.png"), image)
+
+  shown = list(dict.fromkeys(class_ids))[:grid_classes]
+  rows = [generated[labels == c][:grid_per_class] for c in shown]
+  images.save_png(os.path.join(out, "grid_samples.png"),
+                  images.labelled_rows(rows, [names[c] for c in shown]))
+
+  count = -(-grid_per_class // mesh.devices.size) * mesh.devices.size
+  test = next(iter(data.eval_batches(config.data, count, num_examples=count)))
+  originals = test["image"][:grid_per_class]
+  from ldm_jax.stages import vae as vae_stage
+  reconstructions = vae_stage.reconstruct(
+      stage.vae_graphdef, state.frozen["vae"]["params"], state.frozen["vae"]["rest"],
+      jax.numpy.asarray(originals))
+  images.save_png(os.path.join(out, "comparison.png"), images.comparison(
+      images.to_uint8(originals), images.to_uint8(np.asarray(reconstructions))))
+  np.savez(os.path.join(out, "samples.npz"), images=generated, labels=labels)
+
+  result = {"num_samples": len(generated)}
+  if fid:
+    from ldm_jax import fid as fid_lib
+    result[fid_lib.fid_name(len(generated))] = fid_lib.fid_against_reference(
+        generated, config.data, weights=fid_weights, reference=fid_reference)
+  return result
+
+
