@@ -112,3 +112,25 @@ def random_fid_weights(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("weights") / "random.npz")
   weights_lib.save_weights(params, {"source": "random"}, path)
   return path
+
+
+def ldm_config(data_dir, vae_workdir, num_steps=6):
+  """configs/tiny_ldm.py on the tiny data and VAE: 6 steps, logs at 3 and 6."""
+  from configs import tiny_ldm
+  config = tiny_ldm.get_config()
+  config.data.data_dir = data_dir
+  config.vae_checkpoint = vae_workdir
+  config.train.num_steps = num_steps
+  config.train.log_every = 3
+  config.train.eval_every = num_steps
+  config.train.checkpoint_every = num_steps
+  return config
+
+
+@pytest.fixture(scope="session")
+def ldm_workdir(tiny_data_dir, vae_workdir, tmp_path_factory):
+  """A finished 6-step tiny LDM run on 8 devices, shared by the tests that read it."""
+  from ldm_jax import train_loop
+  workdir = str(tmp_path_factory.mktemp("ldm_run"))
+  train_loop.train_and_evaluate(ldm_config(tiny_data_dir, vae_workdir), workdir)
+  return workdir

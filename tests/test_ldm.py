@@ -11,26 +11,8 @@ import pytest
 from flax import nnx
 
 import sample
-from configs import tiny_ldm
+from conftest import ldm_config
 from ldm_jax import diffusion, models, parallel, runs, sampling, train_loop
-
-
-def ldm_config(data_dir, vae_workdir, num_steps=6):
-  config = tiny_ldm.get_config()
-  config.data.data_dir = data_dir
-  config.vae_checkpoint = vae_workdir
-  config.train.num_steps = num_steps
-  config.train.log_every = 3
-  config.train.eval_every = num_steps
-  config.train.checkpoint_every = num_steps
-  return config
-
-
-@pytest.fixture(scope="session")
-def ldm_workdir(tiny_data_dir, vae_workdir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("ldm_run"))
-  train_loop.train_and_evaluate(ldm_config(tiny_data_dir, vae_workdir), workdir)
-  return workdir
 
 
 def test_ldm_run_keeps_vae_frozen_and_tracks_ema(ldm_workdir, vae_workdir):
