@@ -49,7 +49,7 @@ def base_pipeline_config(vae_config: ml_collections.ConfigDict,
   config = ml_collections.ConfigDict()
   config.stage = "pipeline"
   config.seed = 0
-  config.data = vae_config.data.copy_and_resolve_references()
+  config.data = data.default_data_config()
   config.vae_stage = vae_config
   config.ldm_stage = ldm_config
   config.sample = ml_collections.ConfigDict(dict(
