@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from ldm_jax import cli
 from ldm_jax.sample_job import OUTPUTS, check_out_dir, parse_classes, run  # noqa: F401
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an LDM run.")
@@ -44,6 +45,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  cli.require_directory("--workdir", _WORKDIR.value)
+  cli.require_directory("--out", _OUT.value)
   result = run(
       _WORKDIR.value, _OUT.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
       steps=_STEPS.value, guidance=_GUIDANCE.value, classes=_CLASSES.value, seed=_SEED.value,

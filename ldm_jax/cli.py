@@ -126,3 +126,10 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
                       f"Show the traceback of an error (also: {DEBUG_ENV}=1).")
   status = guard(app.run, main, argv, argv=argv)
   sys.exit(status)
+
+
+def require_directory(flag: str, path: str | None) -> None:
+  """Refuses a path flag that names an existing regular file where a
+  directory (new or existing) is expected, before any work is done."""
+  if path and os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"{flag} {path} is a file, not a directory")

@@ -7,6 +7,12 @@
           every checkpoint_every: orbax checkpoint with the data iterator
   SIGTERM (preemption) -> checkpoint, then exit; a NaN/Inf loss -> stop, last
   good checkpoint kept.
+
+Reliability rules: nothing in the workdir changes until the config has been
+checked and the state restored (or initialised); a checkpoint that cannot be
+read is reported and the newest readable one is used; a state is saved only
+once its own loss and parameters are seen finite; and the metrics log keeps
+each step once, whatever crashes happened between.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -21,14 +28,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from flax import nnx
 from tqdm import tqdm
 
 from ldm_jax import checkpoint, config as config_lib, data, images, parallel, runs, train_state
 from ldm_jax.metric_writer import MetricWriter
 
 
+# Where checkpoint steps that could not be read are moved once an older one
+# has been restored, so that the run can save those steps again.
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the message says which checkpoint is intact."""
+
+
+class NoReadableCheckpointError(OSError):
+  """Every saved step of a workdir failed to restore; the message says what to do."""
 
 
 class _Preemption:
@@ -59,15 +76,128 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _check_workdir_path(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(
+        f"--workdir {workdir} is a file, not a directory; give a new directory "
+        "or the workdir of an earlier run")
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def _open_saved(workdir: str) -> checkpoint.Checkpointer | None:
+  """The workdir's checkpoints, opened read-only (None if there are none):
+  validation must not create anything."""
+  directory = runs.checkpoint_dir(workdir)
+  if not os.path.exists(directory):
+    return None
+  if not os.path.isdir(directory):
+    raise NotADirectoryError(f"{directory} is a file; a workdir keeps its checkpoints there")
+  return checkpoint.Checkpointer(directory, read_only=True)
+
+
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
-                          checkpointer: checkpoint.Checkpointer) -> None:
+                          saved: checkpoint.Checkpointer | None) -> None:
+  """Refuses a config the workdir's run cannot resume with, checked against
+  the newest checkpoint whose config can be read, else config.json."""
+  for step in sorted(saved.all_steps() if saved else [], reverse=True):
+    try:
+      saved_config = saved.restore_config(step)
+    except checkpoint.CheckpointReadError:
+      continue  # Reported when the state is restored.
+    config_lib.check_resumable(saved_config, config,
+                               f"checkpoint step {step} in {saved.directory}")
+    return
   saved_path = os.path.join(workdir, "config.json")
-  if checkpointer.latest_step() is not None:
-    config_lib.check_resumable(checkpointer.restore_config(), config,
-                               f"the checkpoint in {checkpointer.directory}")
-  elif os.path.exists(saved_path):
+  if os.path.exists(saved_path):
     with open(saved_path) as f:
       config_lib.check_resumable(json.load(f), config, saved_path)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _make_health_check(stage, graphdef: nnx.GraphDef):
+  """(state, batch) -> whether the state's own training loss on `batch` and
+  all its arrays are finite. The train step reports the loss of the state it
+  starts from, so a diverging update is only seen one step later: this check
+  looks at the state that is about to be saved."""
+
+  def healthy(state: train_state.TrainState, batch: dict) -> jax.Array:
+    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+    model.train()
+    loss, _ = stage.loss(model, state.frozen, batch, jax.random.fold_in(state.rng, state.step))
+    return jnp.isfinite(loss) & _all_finite(state)
+
+  return jax.jit(healthy)
+
+
+def _restore_newest_readable(saved: checkpoint.Checkpointer, config: ml_collections.ConfigDict,
+                             abstract: Any, train_iter: Any
+                             ) -> tuple[int, train_state.TrainState, list[int]]:
+  """(step, state, newer steps that could not be read) of the newest step
+  that restores; each failure is reported in a line as it is met."""
+  unreadable = []
+  for step in sorted(saved.all_steps(), reverse=True):
+    try:
+      saved_config = saved.restore_config(step)
+      config_lib.check_resumable(saved_config, config,
+                                 f"checkpoint step {step} in {saved.directory}")
+      state = saved.restore(step, abstract, train_iter)
+      if not bool(_all_finite(state)):
+        raise checkpoint.CheckpointReadError(step, saved.step_directory(step),
+                                             "it holds NaN or Inf values")
+    except checkpoint.CheckpointReadError as e:
+      _warn(str(e))
+      unreadable.append(step)
+      continue
+    if unreadable:
+      _warn(f"resuming from step {step}, the newest readable checkpoint; step(s) "
+            f"{', '.join(map(str, unreadable))} move to "
+            f"{os.path.join(os.path.dirname(saved.directory), UNREADABLE_DIR)}/")
+    return step, state, unreadable
+  raise NoReadableCheckpointError(
+      f"no checkpoint in {saved.directory} can be read (step(s) "
+      f"{', '.join(map(str, unreadable))}; causes above). If another version of ldm-jax "
+      f"wrote them, resume with that version; otherwise delete {saved.directory} to start "
+      "this run over from step 0, or train in a new --workdir.")
+
+
+def _set_aside(workdir: str, steps: list[int]) -> None:
+  """Moves unreadable steps out of the checkpoint directory: orbax would count
+  the newest of them as the latest step and refuse to save it again."""
+  if steps and jax.process_index() == 0:
+    target = os.path.join(workdir, UNREADABLE_DIR)
+    os.makedirs(target, exist_ok=True)
+    for step in steps:
+      destination = os.path.join(target, str(step))
+      suffix = 0
+      while os.path.exists(destination):  # The same step may fail twice.
+        suffix += 1
+        destination = os.path.join(target, f"{step}.{suffix}")
+      os.replace(os.path.join(runs.checkpoint_dir(workdir), str(step)), destination)
+  if steps and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("ldm_jax.train_loop.set_aside")
+
+
+def _diverged(what: str, last_saved: int | None, directory: Any) -> NonFiniteLossError:
+  if last_saved is None:
+    after = (f"No checkpoint has been saved in {directory}, so there is nothing to resume: "
+             "lower --config.optim.learning_rate (or fix the cause) and rerun to start over.")
+  else:
+    after = (f"The last good checkpoint is step {last_saved} in {directory}: lower "
+             "--config.optim.learning_rate (a run may resume with a new one) and rerun the "
+             "same command to continue from it.")
+  return NonFiniteLossError(f"{what}; stopping without saving it. {after}")
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -109,45 +239,67 @@ def _fid(config, stage, graphdef, state, mesh) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint."""
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir_path(workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)  # Before any work is done.
   runs.attach_vae_config(config)
 
-  checkpointer = checkpoint.Checkpointer(runs.checkpoint_dir(workdir),
-                                         keep=config.train.keep_checkpoints)
-  _check_workdir_config(workdir, config, checkpointer)
-  _write_config(workdir, config)
-  data.ensure_prepared(config.data)
-
-  stage = runs.make_stage(config)
-  train_iter = data.train_iterator(config.data, config.train.batch_size, config.seed)
-  replicated = parallel.replicated(mesh)
-  start_step = checkpointer.latest_step()
-  if start_step is None:
-    scale_iter = data.train_iterator(config.data, config.train.batch_size, config.seed + 1)
-    frozen = stage.init_frozen(parallel.shard_batch(mesh, b) for b in scale_iter)
-    graphdef, state = runs.init_train_state(stage, config, frozen, replicated)
-    start_step = 0
-  else:
-    graphdef, abstract = runs.abstract_train_state(stage, config, replicated)
-    state = checkpointer.restore(start_step, abstract, train_iter)
-    tqdm.write(f"resumed from step {start_step} of {checkpointer.directory}")
+  saved = _open_saved(workdir)
+  try:
+    _check_workdir_config(workdir, config, saved)
+    data.ensure_prepared(config.data)
+    stage = runs.make_stage(config)
+    train_iter = data.train_iterator(config.data, config.train.batch_size, config.seed)
+    replicated = parallel.replicated(mesh)
+    unreadable = []
+    if saved is None or not saved.all_steps():
+      scale_iter = data.train_iterator(config.data, config.train.batch_size, config.seed + 1)
+      frozen = stage.init_frozen(parallel.shard_batch(mesh, b) for b in scale_iter)
+      graphdef, state = runs.init_train_state(stage, config, frozen, replicated)
+      start_step, last_saved = 0, None
+    else:
+      graphdef, abstract = runs.abstract_train_state(stage, config, replicated)
+      start_step, state, unreadable = _restore_newest_readable(saved, config, abstract,
+                                                               train_iter)
+      last_saved = start_step
+      tqdm.write(f"resumed from step {start_step} of {saved.directory}")
+  finally:
+    if saved is not None:
+      saved.close()
 
   train_step, eval_step = runs.compile_steps(stage, config, mesh, graphdef, state)
+  health_check = _make_health_check(stage, graphdef)
 
-  writer = MetricWriter(workdir)
+  # The config is valid and the state is in memory: only now may the workdir change.
+  os.makedirs(workdir, exist_ok=True)
+  _set_aside(workdir, unreadable)
+  _write_config(workdir, config)
+  checkpointer = checkpoint.Checkpointer(runs.checkpoint_dir(workdir),
+                                         keep=config.train.keep_checkpoints)
+  # Records past the restored step were logged by a run that died before
+  # saving them; this run logs those steps again.
+  writer = MetricWriter(workdir, resume_step=start_step)
   num_steps = config.train.num_steps
-  last_saved = start_step
   all_finite = jnp.array(True)
   sums, sum_steps, interval_start = None, 0, time.perf_counter()
+  batch, checked_step = None, None
+
+  def stop_if_diverged(step):
+    """Raises unless every loss so far and the current state are finite."""
+    nonlocal checked_step
+    if not bool(all_finite):
+      raise _diverged(f"the training loss became NaN or Inf at or before step {step}",
+                      last_saved, checkpointer.directory)
+    if checked_step != step:
+      if not bool(health_check(state, batch)):
+        raise _diverged(f"the model after step {step} has a NaN or Inf loss or parameters",
+                        last_saved, checkpointer.directory)
+      checked_step = step
 
   def save(step, metrics=None):
     nonlocal last_saved
-    if not bool(all_finite):
-      raise NonFiniteLossError(
-          f"the loss became NaN or Inf at or before step {step}; stopping without saving. "
-          f"The last good checkpoint is step {last_saved} in {checkpointer.directory}")
+    stop_if_diverged(step)
+    writer.flush()  # The records of `step` are on disk before its checkpoint.
     checkpointer.save(step, state, config_lib.to_json(config), train_iter, metrics=metrics)
     last_saved = step
 
@@ -166,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
         if step % config.train.log_every == 0 or step == num_steps:
           if not bool(all_finite):
-            save(step)  # Raises with the message naming the intact checkpoint.
+            stop_if_diverged(step)  # Raises with the message naming the intact checkpoint.
           elapsed = time.perf_counter() - interval_start
           logged = {k: float(v) / sum_steps for k, v in jax.device_get(sums).items()}
           logged["steps_per_second"] = sum_steps / elapsed
@@ -178,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
         eval_metrics = None
         if step % config.train.eval_every == 0 or step == num_steps:
+          stop_if_diverged(step)  # No eval, picture or FID of a diverged model.
           eval_metrics = _evaluate(config, mesh, eval_step, state)
           if config.fid.every and (step % config.fid.every == 0 or step == num_steps):
             eval_metrics.update(_fid(config, stage, graphdef, state, mesh))

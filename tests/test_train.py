@@ -165,8 +165,10 @@ def test_run_length_and_logging_changes_are_compatible(tiny_data_dir):
   config.train.log_every = 1
   config.eval.num_examples = 8
   assert config_lib.incompatible_keys(saved, config) == []
-  config.optim.learning_rate = 1.0
-  assert config_lib.incompatible_keys(saved, config) == ["optim.learning_rate"]
+  config.optim.learning_rate = 1e-4  # A diverged run goes on with a lower one.
+  assert config_lib.incompatible_keys(saved, config) == []
+  config.optim.weight_decay = 0.1
+  assert config_lib.incompatible_keys(saved, config) == ["optim.weight_decay"]
 
 
 def copy_run(workdir, tmp_path):

@@ -8,10 +8,11 @@ worker processes rely on.
 
 from __future__ import annotations
 
-import sys
+import os
 
 from absl import app, flags
 
+from ldm_jax import cli
 from ldm_jax.data import builder
 from ldm_jax.data.sources import OFFICIAL_SPLIT_SIZES, DataError
 
@@ -35,16 +36,19 @@ _USAGE = "usage: python -m ldm_jax.data prepare --data_dir=DIR [--from=PATH]"
 def main(argv: list[str]) -> None:
   if argv[1:] != ["prepare"]:
     raise app.UsageError(_USAGE)
-  try:
-    builder.prepare(
-        _DATA_DIR.value, _FROM.value,
-        expected_sizes={"train": _TRAIN_SIZE.value, "test": _TEST_SIZE.value})
-  except DataError as e:
-    # A clear one-line cause is more useful here than a traceback.
-    sys.exit(f"error: {e}")
-  print(f"prepared {builder.DATASET_NAME} in "
-        f"{builder.dataset_dir(_DATA_DIR.value)}")
+  data_dir = _DATA_DIR.value
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DataError(f"--data_dir {data_dir} is a file; it must be a directory (new or "
+                    "a TFDS data dir)")
+  for name, size in (("--train_size", _TRAIN_SIZE.value), ("--test_size", _TEST_SIZE.value)):
+    if size <= 0:
+      raise DataError(f"{name} must be positive, got {size}")
+  # A bad source is an error naming the file (cli: one line, exit status 2),
+  # and nothing is written before the source has been read and checked.
+  builder.prepare(data_dir, _FROM.value,
+                  expected_sizes={"train": _TRAIN_SIZE.value, "test": _TEST_SIZE.value})
+  print(f"prepared {builder.DATASET_NAME} in {builder.dataset_dir(data_dir)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,6 +22,7 @@ import re
 import tarfile
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import Mapping
 
@@ -117,6 +118,7 @@ def download_archive(dest_dir: str, url: str = DOWNLOAD_URL,
   if os.path.exists(path):
     verify_checksum(path, algorithm, expected)
     return path
+  created = _missing_directories(dest_dir)
   os.makedirs(dest_dir, exist_ok=True)
   partial = path + ".part"
   hasher = hashlib.new(algorithm)
@@ -128,17 +130,37 @@ def download_archive(dest_dir: str, url: str = DOWNLOAD_URL,
         out.write(chunk)
   except (urllib.error.URLError, OSError) as e:
     _remove_if_exists(partial)
+    _remove_empty(created)  # A failed download leaves no trace on disk.
     raise DataError(
         f"could not download {url}: {e}. Without internet access, fetch "
         f"{PYTHON_ARCHIVE} (or {BINARY_ARCHIVE}) elsewhere, or use the numpy "
         "shards, and pass their directory with --from.") from e
   if hasher.hexdigest() != expected:
     _remove_if_exists(partial)
+    _remove_empty(created)
     raise DataError(
         f"{url}: checksum mismatch ({algorithm} is {hasher.hexdigest()}, "
         f"expected {expected}); the download was corrupted, try again.")
   os.replace(partial, path)
   return path
+
+
+def _missing_directories(path: str) -> list[str]:
+  """`path` and those of its parents that do not exist yet, deepest first."""
+  missing = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
+def _remove_empty(directories: list[str]) -> None:
+  for directory in directories:
+    try:
+      os.rmdir(directory)
+    except OSError:
+      return
 
 
 def _remove_if_exists(path: str) -> None:
@@ -297,7 +319,8 @@ def _load_npz_split(path: str, split: str) -> Split:
     with np.load(path, allow_pickle=False) as npz:
       files = list(npz.files)
       arrays = {field: npz[key] for field, key in keys.items() if key in files}
-  except (OSError, ValueError, zlib.error, EOFError) as e:
+  except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as e:
+    # BadZipFile: a truncated or damaged shard (np.load reads .npz as a zip).
     raise DataError(f"{path}: not a readable .npz file ({e})") from e
   missing = [key for key in keys.values() if key not in files]
   if missing:

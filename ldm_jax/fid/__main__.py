@@ -17,9 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zipfile
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from ldm_jax import cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SUBCOMMANDS = ("ref-stats", "convert-weights")
@@ -79,12 +83,16 @@ def read_input(path: str, num: int | None = None):
     raise InputError(
         f"{path}: expected a folder of images or an .npz (of `images`, or "
         "of `mu` and `sigma`)")
-  with np.load(path, allow_pickle=False) as data:
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise InputError(f"{path}: not a readable .npz file ({e})") from e
+  with data:
     keys = set(data.files)
     if {"mu", "sigma"} <= keys:
       pass
     elif "images" in keys:
-      images = data["images"]
+      images = _read_array(data, "images", path)
       if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(
             f"{path}: `images` has shape {images.shape}; expected uint8 "
@@ -103,6 +111,16 @@ def read_input(path: str, num: int | None = None):
     return "stats", stats.load_statistics(path)
   except ValueError as e:
     raise InputError(str(e)) from e
+  except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+    raise InputError(f"{path}: statistics cannot be read ({e})") from e
+
+
+def _read_array(npz, key: str, path: str) -> np.ndarray:
+  """npz[key], with a damaged member (bad CRC, cut short) named as such."""
+  try:
+    return npz[key]
+  except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+    raise InputError(f"{path}: `{key}` cannot be read ({e})") from e
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -260,6 +278,7 @@ def _convert_main(argv: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  argv = [arg for arg in argv if arg != cli.DEBUG_FLAG]  # Read by cli.guard.
   from ldm_jax.fid.weights import WeightsError  # pylint: disable=g-import-not-at-top
   commands = {"ref-stats": _ref_stats_main,
               "convert-weights": _convert_main}
@@ -276,4 +295,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Errors main() does not expect get the same one-line report (exit status 2).
+  sys.exit(cli.guard(main))
