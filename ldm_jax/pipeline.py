@@ -261,8 +261,8 @@ def summary(results: dict[str, Any]) -> str:
   """The lines a person reads at the end of the job."""
   if not results.get("complete"):
     return "the main job stopped before the end; rerun the same command to continue"
-  figures = ", ".join(f"{k}={results[k]:.2f}" for k in sorted(results)
-                      if k.startswith(("fid_", "vae_rfid_")))
+  figures = ", ".join(f"{k}={v:.2f}" for k, v in sorted(results.items())
+                      if k.startswith(("fid_", "vae_rfid_")) and isinstance(v, float))
   seconds = results["seconds"]
   times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
   return (f"{figures} ({results['num_samples']} samples, {results['sampler']}-"
