@@ -30,7 +30,7 @@ _MAX_LINE_CHARS = 600
 # Exceptions that report a problem with the input or the environment; their
 # message is the whole story. Anything else is reported with its type and a
 # pointer to the traceback, since it most likely is a bug.
-_USER_ERRORS = (ValueError, OSError, KeyError, AttributeError, FloatingPointError, ImportError)
+_USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
@@ -85,13 +85,15 @@ def describe(error: BaseException, argv: Sequence[str] = ()) -> str:
     text = inner.args[0]  # str(KeyError) would repr-escape it.
   else:
     text = str(inner)
-  text = (_config_key_message(text, argv) or _config_file_message(text) or text).strip()
+  readable = _config_key_message(text, argv) or _config_file_message(text)
+  text = (readable or text).strip()
   lines = [line[:_MAX_LINE_CHARS] for line in text.splitlines()] or [type(inner).__name__]
   if len(lines) > _MAX_LINES:
     lines = lines[:_MAX_LINES] + [f"... ({len(lines) - _MAX_LINES} more lines; "
                                   f"{DEBUG_ENV}=1 shows everything)"]
   message = "\n".join(lines)
-  if not isinstance(error, _USER_ERRORS) and not isinstance(inner, _USER_ERRORS):
+  if readable is None and not isinstance(error, _USER_ERRORS) and not isinstance(
+      inner, _USER_ERRORS):
     message = (f"{type(inner).__name__}: {message}\n(unexpected; rerun with "
                f"{DEBUG_ENV}=1 for the traceback)")
   return message

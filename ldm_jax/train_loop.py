@@ -125,7 +125,7 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _make_health_check(stage, graphdef: nnx.GraphDef):
+def _make_health_check(stage, graphdef: nnx.GraphDef, mesh):
   """(state, batch) -> whether the state's own training loss on `batch` and
   all its arrays are finite. The train step reports the loss of the state it
   starts from, so a diverging update is only seen one step later: this check
@@ -137,7 +137,8 @@ def _make_health_check(stage, graphdef: nnx.GraphDef):
     loss, _ = stage.loss(model, state.frozen, batch, jax.random.fold_in(state.rng, state.step))
     return jnp.isfinite(loss) & _all_finite(state)
 
-  return jax.jit(healthy)
+  # Replicated, so that every process can read the answer.
+  return jax.jit(healthy, out_shardings=parallel.replicated(mesh))
 
 
 def _restore_newest_readable(saved: checkpoint.Checkpointer, config: ml_collections.ConfigDict,
@@ -268,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       saved.close()
 
   train_step, eval_step = runs.compile_steps(stage, config, mesh, graphdef, state)
-  health_check = _make_health_check(stage, graphdef)
+  health_check = _make_health_check(stage, graphdef, mesh)
 
   # The config is valid and the state is in memory: only now may the workdir change.
   os.makedirs(workdir, exist_ok=True)

@@ -188,7 +188,7 @@ def test_download_verifies_then_renames(tmp_path, monkeypatch):
                       ("md5", "0" * 32))
   with pytest.raises(sources.DataError, match="checksum mismatch"):
     sources.download_archive(str(dest), url=url)
-  assert os.listdir(dest) == []  # Neither the archive nor a .part file.
+  assert not dest.exists()  # No archive, no .part file, not even the directory.
 
   trust_archive(monkeypatch, str(archive))
   path = sources.download_archive(str(dest), url=url)
@@ -199,9 +199,10 @@ def test_download_verifies_then_renames(tmp_path, monkeypatch):
 def test_download_without_network_fails_clearly(tmp_path):
   # Port 9 (discard) on localhost refuses at once: no real network needed.
   with pytest.raises(sources.DataError, match="could not download.*--from"):
-    sources.download_archive(str(tmp_path),
+    sources.download_archive(str(tmp_path / "data" / "downloads"),
                              url="http://127.0.0.1:9/cifar-100-python.tar.gz",
                              timeout_s=5)
+  assert os.listdir(tmp_path) == []  # The directories it made are gone again.
 
 
 # ------------------------------------------------- sources and prepare
