@@ -130,9 +130,13 @@ class _Job:
     self.processes = []
     self._readers = []
     for index, env in enumerate(environments):
-      process = subprocess.Popen(
-          list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          stdin=subprocess.DEVNULL, start_new_session=True)
+      try:
+        process = subprocess.Popen(
+            list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+      except OSError:
+        self.kill_all()  # Those already started would wait forever for this one.
+        raise
       self.processes.append(process)
       reader = threading.Thread(
           target=self._copy_output, args=(index, process.stdout, prefix_output),
@@ -271,8 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not command:
     parser.error("no command: put it after `--`, e.g. -- python train.py ...")
-  return launch(command, args.num_processes, args.devices_per_process,
-                style=args.env, kill_timeout=args.kill_timeout)
+  try:
+    return launch(command, args.num_processes, args.devices_per_process,
+                  style=args.env, kill_timeout=args.kill_timeout)
+  except OSError as error:
+    print(f"[launch] cannot start {command[0]!r}: {error}", file=sys.stderr)
+    return 127
 
 
 if __name__ == "__main__":
