@@ -40,23 +40,32 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 class ConvBN(nnx.Module):
-  """Conv without bias, batch norm without scale (inference), then ReLU."""
+  """Conv without bias, batch norm without scale (inference), then ReLU.
+
+  With `folded=True` the batch norm is gone and the conv has a bias instead:
+  the inference batch norm is an affine map per output channel, so it folds
+  exactly into the conv's kernel and bias (`weights.fold_batch_norm`), which
+  saves a pass over every activation. The unfolded form is the layout of the
+  weight files.
+  """
 
   def __init__(self, in_features: int, out_features: int,
                kernel_size: int | Sequence[int], *, strides: int = 1,
                padding: int | Sequence[int] = 0,
-               precision: jax.lax.Precision | None, rngs: nnx.Rngs):
+               precision: jax.lax.Precision | None, folded: bool = False,
+               rngs: nnx.Rngs):
     pad_h, pad_w = _pair(padding)
     self.conv = nnx.Conv(
         in_features, out_features, _pair(kernel_size), strides=strides,
-        padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=False,
+        padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=folded,
         precision=precision, rngs=rngs)
-    self.bn = nnx.BatchNorm(
+    self.bn = None if folded else nnx.BatchNorm(
         out_features, use_running_average=True, use_scale=False,
         epsilon=BN_EPSILON, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nnx.relu(self.bn(self.conv(x)))
+    x = self.conv(x)
+    return nnx.relu(x if self.bn is None else self.bn(x))
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
@@ -78,9 +87,9 @@ class InceptionA(nnx.Module):
   """Mixed_5b/5c/5d: 1x1, 5x5, double 3x3 and average-pool branches."""
 
   def __init__(self, in_features: int, pool_features: int, *, precision,
-               rngs: nnx.Rngs):
-    conv = lambda *args, **kw: ConvBN(*args, precision=precision, rngs=rngs,
-                                      **kw)
+               folded: bool, rngs: nnx.Rngs):
+    conv = lambda *args, **kw: ConvBN(*args, precision=precision,
+                                      folded=folded, rngs=rngs, **kw)
     self.branch1x1 = conv(in_features, 64, 1)
     self.branch5x5_1 = conv(in_features, 48, 1)
     self.branch5x5_2 = conv(48, 64, 5, padding=2)
@@ -101,9 +110,10 @@ class InceptionA(nnx.Module):
 class InceptionB(nnx.Module):
   """Mixed_6a: grid reduction 35x35 -> 17x17."""
 
-  def __init__(self, in_features: int, *, precision, rngs: nnx.Rngs):
-    conv = lambda *args, **kw: ConvBN(*args, precision=precision, rngs=rngs,
-                                      **kw)
+  def __init__(self, in_features: int, *, precision, folded: bool,
+               rngs: nnx.Rngs):
+    conv = lambda *args, **kw: ConvBN(*args, precision=precision,
+                                      folded=folded, rngs=rngs, **kw)
     self.branch3x3 = conv(in_features, 384, 3, strides=2)
     self.branch3x3dbl_1 = conv(in_features, 64, 1)
     self.branch3x3dbl_2 = conv(64, 96, 3, padding=1)
@@ -120,9 +130,9 @@ class InceptionC(nnx.Module):
   """Mixed_6b..6e: factorised 7x7 branches."""
 
   def __init__(self, in_features: int, channels_7x7: int, *, precision,
-               rngs: nnx.Rngs):
-    conv = lambda *args, **kw: ConvBN(*args, precision=precision, rngs=rngs,
-                                      **kw)
+               folded: bool, rngs: nnx.Rngs):
+    conv = lambda *args, **kw: ConvBN(*args, precision=precision,
+                                      folded=folded, rngs=rngs, **kw)
     c7 = channels_7x7
     self.branch1x1 = conv(in_features, 192, 1)
     self.branch7x7_1 = conv(in_features, c7, 1)
@@ -150,9 +160,10 @@ class InceptionC(nnx.Module):
 class InceptionD(nnx.Module):
   """Mixed_7a: grid reduction 17x17 -> 8x8."""
 
-  def __init__(self, in_features: int, *, precision, rngs: nnx.Rngs):
-    conv = lambda *args, **kw: ConvBN(*args, precision=precision, rngs=rngs,
-                                      **kw)
+  def __init__(self, in_features: int, *, precision, folded: bool,
+               rngs: nnx.Rngs):
+    conv = lambda *args, **kw: ConvBN(*args, precision=precision,
+                                      folded=folded, rngs=rngs, **kw)
     self.branch3x3_1 = conv(in_features, 192, 1)
     self.branch3x3_2 = conv(192, 320, 3, strides=2)
     self.branch7x7x3_1 = conv(in_features, 192, 1)
@@ -174,11 +185,11 @@ class InceptionE(nnx.Module):
   """Mixed_7b/7c: expanded filter banks; `pool` picks the pool branch."""
 
   def __init__(self, in_features: int, *, pool: str, precision,
-               rngs: nnx.Rngs):
+               folded: bool, rngs: nnx.Rngs):
     if pool not in ("avg", "max"):
       raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
-    conv = lambda *args, **kw: ConvBN(*args, precision=precision, rngs=rngs,
-                                      **kw)
+    conv = lambda *args, **kw: ConvBN(*args, precision=precision,
+                                      folded=folded, rngs=rngs, **kw)
     self.pool = pool
     self.branch1x1 = conv(in_features, 320, 1)
     self.branch3x3_1 = conv(in_features, 384, 1)
@@ -210,11 +221,11 @@ class FIDInceptionV3(nnx.Module):
   """
 
   def __init__(self, *, precision: jax.lax.Precision | None = (
-      jax.lax.Precision.HIGHEST), rngs: nnx.Rngs):
+      jax.lax.Precision.HIGHEST), folded: bool = False, rngs: nnx.Rngs):
     # HIGHEST keeps float32 convolutions in float32 on GPUs/TPUs, where the
     # default may be TF32/bf16 passes that move features by ~1e-3 relative,
     # enough to shift FID in the first decimal.
-    kw = dict(precision=precision, rngs=rngs)
+    kw = dict(precision=precision, folded=folded, rngs=rngs)
     self.conv2d_1a_3x3 = ConvBN(3, 32, 3, strides=2, **kw)
     self.conv2d_2a_3x3 = ConvBN(32, 32, 3, **kw)
     self.conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1, **kw)
@@ -259,20 +270,24 @@ def preprocess(images_uint8: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=4)
-def _abstract_split(precision: jax.lax.Precision | None
+def _abstract_split(precision: jax.lax.Precision | None, folded: bool
                     ) -> tuple[nnx.GraphDef, nnx.State]:
   abstract = nnx.eval_shape(
-      lambda: FIDInceptionV3(precision=precision, rngs=nnx.Rngs(0)))
+      lambda: FIDInceptionV3(precision=precision, folded=folded,
+                             rngs=nnx.Rngs(0)))
   return nnx.split(abstract)
 
 
 def abstract_network(precision: jax.lax.Precision | None = (
-    jax.lax.Precision.HIGHEST)) -> tuple[nnx.GraphDef, nnx.State]:
+    jax.lax.Precision.HIGHEST), folded: bool = False
+                     ) -> tuple[nnx.GraphDef, nnx.State]:
   """The network's graph and shape-only state, to be filled from weights.
 
-  Avoids initialising ~22M random parameters that would be thrown away;
-  tracing the constructor still takes seconds, so the result is cached and
-  a fresh copy of the state is returned each time (callers fill it in).
+  `folded=False` is the layout of the weight files (conv + batch norm),
+  `folded=True` the one that runs (conv with bias). Avoids initialising ~22M
+  random parameters that would be thrown away; tracing the constructor still
+  takes seconds, so the result is cached and a fresh copy of the state is
+  returned each time (callers fill it in).
   """
-  graphdef, state = _abstract_split(precision)
+  graphdef, state = _abstract_split(precision, folded)
   return graphdef, jax.tree.map(lambda leaf: leaf, state)

@@ -493,6 +493,30 @@ def to_flax(torchvision_tensors: Mapping[str, np.ndarray],
   return params
 
 
+def fold_batch_norm(params: Mapping[str, np.ndarray],
+                    epsilon: float = 1e-3) -> dict[str, np.ndarray]:
+  """Flat params of the file layout -> the folded network's (`folded=True`).
+
+  Inference batch norm without scale is (y - m) / sqrt(v + eps) + beta per
+  output channel; with y = conv(x, W) that is conv(x, W / s) + (beta - m / s),
+  s = sqrt(v + eps). Computed in float64 and rounded once to float32, so the
+  features move by float32 rounding only (~1e-6 relative).
+  """
+  folded: dict[str, np.ndarray] = {}
+  for key, kernel in params.items():
+    if not key.endswith("/conv/kernel"):
+      continue
+    layer = key[:-len("/conv/kernel")]
+    mean = np.asarray(params[f"{layer}/bn/mean"], np.float64)
+    var = np.asarray(params[f"{layer}/bn/var"], np.float64)
+    beta = np.asarray(params[f"{layer}/bn/bias"], np.float64)
+    inv_std = 1.0 / np.sqrt(var + epsilon)
+    # HWIO: the output channel is the last axis.
+    folded[key] = (np.asarray(kernel, np.float64) * inv_std).astype(np.float32)
+    folded[f"{layer}/conv/bias"] = (beta - mean * inv_std).astype(np.float32)
+  return folded
+
+
 def expected_param_shapes() -> dict[str, tuple[int, ...]]:
   """Flat Flax path -> shape of every parameter/statistic of the network."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
