@@ -4,7 +4,9 @@ no traceback, and nothing on disk changed or created.
 The table covers train.py, sample.py, `python -m ldm_jax.data prepare` and
 `python -m ldm_jax.fid`. Every case is a real process (each pays the imports,
 a few seconds), so the module runs them all at once, a few at a time, and the
-tests then check one case each.
+tests then check one case each. (Errors that the in-process tests already
+cover through the same code, e.g. an unknown sampler or a missing FID input,
+are left to them.)
 """
 
 from __future__ import annotations
@@ -102,9 +104,6 @@ def _cases(root, data_dir, vae_workdir):
       Case("sample: out is a file",
            ["sample.py", f"--workdir={vae_workdir}", f"--out={a_file}"],
            [f"--out {a_file} is a file"], unchanged=[str(a_file)]),
-      Case("sample: unknown sampler",
-           ["sample.py", f"--workdir={vae_workdir}", f"--out={new('o3')}", "--sampler=euler"],
-           ["unknown sampler 'euler'"], absent=[new("o3")]),
       Case("data: truncated shard without SHA256SUMS",
            prepare + [f"--data_dir={new('d1')}", f"--from={shards}"],
            [str(cut), "not a readable .npz file"], unchanged=[str(shards)],
@@ -118,8 +117,6 @@ def _cases(root, data_dir, vae_workdir):
       Case("fid: truncated .npz", ["-m", "ldm_jax.fid", str(short_npz), str(short_npz)],
            [str(short_npz), "not a readable .npz file"], status=1,
            unchanged=[str(short_npz)]),
-      Case("fid: path missing", ["-m", "ldm_jax.fid", new("x.npz"), str(short_npz)],
-           [new("x.npz"), "no such file"], status=1, absent=[new("x.npz")]),
   ]
 
 
@@ -146,9 +143,9 @@ CASE_NAMES = [
     "train: batch size not a multiple of the devices", "train: LDM without its VAE",
     "train: LDM on a VAE workdir that does not exist", "train: no data and no internet",
     "sample: workdir without checkpoints", "sample: a VAE workdir", "sample: out is a file",
-    "sample: unknown sampler", "data: truncated shard without SHA256SUMS",
+    "data: truncated shard without SHA256SUMS",
     "data: source missing", "data: no internet", "data: data_dir is a file",
-    "fid: truncated .npz", "fid: path missing",
+    "fid: truncated .npz",
 ]
 
 
