@@ -1,0 +1,216 @@
+"""UNet train step: ldm-jax against the diffusers peer, same machine, one run.
+
+The shape of issue 8: 16x16x4 latents, channels 128 x (1, 2, 2), 2 res
+blocks per level, attention at levels 1 and 2, batch 64, AdamW with global
+norm clipping, epsilon-prediction MSE, denoiser only (no VAE, no EMA).
+
+  JAX_PLATFORMS=cpu python bench/bench_unet_peer.py                  # both, ratio
+  python bench/bench_unet_peer.py --dtype=bfloat16 --no-torch        # an accelerator
+
+The peer is diffusers' `UNet2DModel` with block_out_channels (128, 256, 256),
+attention in the two lower-resolution blocks (head dim 64 = 4 heads at 256),
+101 class embeddings, dropout 0.1, torch.optim.AdamW + clip_grad_norm_. Both
+are timed in `--rounds` interleaved rounds (JAX steps, then torch steps), so
+both see the same machine load; the best round and the median are printed.
+FLOPs per step come from each framework's own count (XLA's cost analysis,
+torch's FlopCounterMode); the machine's matmul rate is measured here with a
+jitted float32 (or `--dtype`) 2048^3 matmul. `--peak-tflops` (default: known
+accelerators' dense bf16 peak) gives the MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ldm_jax import diffusion, models, train_state
+from ldm_jax.models.layers import num_groups_for
+
+# Dense bf16 peak of accelerators the device check may meet, in TFLOP/s.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
+                    "TPU v5 lite": 197.0, "TPU v4": 275.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  for name, peak in BF16_PEAK_TFLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def matmul_rate(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+  """Best achieved GFLOP/s of a jitted size^3 matmul on the default device."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(matmul(a, a))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best / 1e9
+
+
+def jax_step(batch_size: int, dtype: str, channels: int = 128, seed: int = 0):
+  """(compiled step, state, batch, FLOPs per step) of our UNet."""
+  def build():
+    return models.UNet(latent_shape=(16, 16, 4), num_classes=100, channels=channels,
+                       channel_multipliers=(1, 2, 2), num_res_blocks=2,
+                       attention_levels=(1, 2), num_heads=4, context_dim=256,
+                       context_tokens=4, dropout=0.1, dtype=dtype,
+                       rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+  schedule = diffusion.make_schedule("linear", 1000)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(2e-4))
+  # Initialised in one compiled program: eagerly, each initializer is a
+  # separate dispatch (minutes for this UNet on a CPU).
+  graphdef, _ = nnx.split(nnx.eval_shape(build))
+  state = jax.jit(lambda: train_state.create_train_state(build(), tx, seed=seed)[1])()
+
+  def loss_fn(model, frozen, batch, rng):
+    del frozen
+    per_example = diffusion.diffusion_loss(
+        schedule, lambda z_t, t: model(z_t, t, batch["label"]), batch["latent"], rng)
+    return jnp.mean(per_example), {}
+
+  step = train_state.make_train_step(graphdef, loss_fn, tx, optax.constant_schedule(2e-4), None)
+  rng = np.random.default_rng(seed)
+  batch = dict(latent=jnp.asarray(rng.standard_normal((batch_size, 16, 16, 4), np.float32)),
+               label=jnp.asarray(rng.integers(0, 100, batch_size), jnp.int32))
+  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return compiled, state, batch, float(cost.get("flops", float("nan")))
+
+
+def torch_step(batch_size: int, channels: int = 128, seed: int = 0):
+  """(step function, FLOPs per step) of the diffusers UNet2DModel peer."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = UNet2DModel(
+      sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+      block_out_channels=(channels, 2 * channels, 2 * channels),
+      down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+      attention_head_dim=channels // 2, num_class_embeds=101, dropout=0.1,
+      norm_num_groups=num_groups_for(channels)).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
+  betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+  alphas_cumprod = torch.cumprod(1 - betas, 0).float()
+  generator = torch.Generator().manual_seed(seed)
+  x0 = torch.randn(batch_size, 4, 16, 16, generator=generator)
+  labels = torch.randint(0, 100, (batch_size,), generator=generator)
+
+  def step():
+    t = torch.randint(0, 1000, (batch_size,))
+    noise = torch.randn_like(x0)
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    loss = torch.nn.functional.mse_loss(model(x_t, t, class_labels=labels).sample, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+  counter = FlopCounterMode(display=False)
+  with counter:
+    step()
+  params = sum(p.numel() for p in model.parameters())
+  return step, float(counter.get_total_flops()), params, torch.get_num_threads()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=3, help="steps per round")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--no-torch", action="store_true", help="JAX only")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="bf16 peak for the MFU (default: known accelerators)")
+  parser.add_argument("--unet-channels", type=int, default=128,
+                      help="smaller for a quick smoke run of this script")
+  parser.add_argument("--json", default=None,
+                      help="append the numbers as one JSON line here")
+  args = parser.parse_args()
+
+  device = jax.devices()[0]
+  start = time.perf_counter()
+  compiled, state, batch, jax_flops = jax_step(args.batch_size, args.dtype,
+                                               args.unet_channels)
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f"ldm-jax UNet {params / 1e6:.1f}M params, {args.dtype}, batch {args.batch_size}, "
+        f"1 x {device.device_kind}; compile {time.perf_counter() - start:.1f} s; "
+        f"{jax_flops / 1e9:.1f} GFLOP/step (XLA); load average {os.getloadavg()[0]:.1f}")
+  peer = None
+  if not args.no_torch:
+    peer_step, torch_flops, torch_params, threads = torch_step(args.batch_size,
+                                                               args.unet_channels)
+    peer = peer_step
+    print(f"diffusers UNet2DModel {torch_params / 1e6:.1f}M params, float32, {threads} "
+          f"threads; {torch_flops / 1e9:.1f} GFLOP/step (FlopCounterMode)")
+  rate = matmul_rate(args.dtype)
+  print(f"machine matmul rate ({args.dtype}, jitted 2048^3): {rate:.0f} GFLOP/s")
+
+  state, metrics = compiled(state, batch)  # Warm-up.
+  jax.block_until_ready(metrics)
+  if peer is not None:
+    peer()
+  rates = {"ldm-jax": [], "diffusers": []}
+  for _ in range(args.rounds):
+    begin = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    rates["ldm-jax"].append(args.steps * args.batch_size / (time.perf_counter() - begin))
+    if peer is not None:
+      begin = time.perf_counter()
+      for _ in range(args.steps):
+        peer()
+      rates["diffusers"].append(args.steps * args.batch_size / (time.perf_counter() - begin))
+
+  peak = args.peak_tflops or peak_tflops(device.device_kind)
+  flops = {"ldm-jax": jax_flops, "diffusers": peer and torch_flops}
+  print(f"{'':10s} {'best img/s':>10s} {'median':>8s} {'GFLOP/s':>8s} {'of matmul':>9s}"
+        + (f" {'MFU (bf16 peak)':>15s}" if peak else ""))
+  for name, values in rates.items():
+    if not values:
+      continue
+    best = max(values)
+    achieved = best / args.batch_size * flops[name] / 1e9
+    line = (f"{name:10s} {best:10.2f} {np.median(values):8.2f} {achieved:8.1f} "
+            f"{achieved / rate:9.0%}")
+    if peak:
+      line += f" {achieved / (peak * 1e3):15.1%}"
+    print(line)
+  if args.json:
+    record = dict(bench="unet_step", dtype=args.dtype, device=device.device_kind,
+                  batch_size=args.batch_size, matmul_gflops=rate, peak_tflops=peak)
+    for name, values in rates.items():
+      if values:
+        record[name] = dict(img_s=max(values), gflop_step=flops[name] / 1e9,
+                            gflops=max(values) / args.batch_size * flops[name] / 1e9)
+    with open(args.json, "a") as f:
+      f.write(json.dumps(record) + "\n")
+  if rates["diffusers"]:
+    ratios = [a / b for a, b in zip(rates["ldm-jax"], rates["diffusers"])]
+    print(f"ldm-jax / diffusers: {max(rates['ldm-jax']) / max(rates['diffusers']):.2f}x "
+          f"(best vs best); per round {', '.join(f'{r:.2f}' for r in ratios)}")
+
+
+if __name__ == "__main__":
+  main()
