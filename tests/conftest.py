@@ -21,6 +21,8 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 import numpy as np
 import pytest
 
+from ldm_jax import train_loop
+
 TINY_TRAIN, TINY_TEST = 400, 80
 
 
@@ -134,3 +136,22 @@ def ldm_workdir(tiny_data_dir, vae_workdir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ldm_run"))
   train_loop.train_and_evaluate(ldm_config(tiny_data_dir, vae_workdir), workdir)
   return workdir
+
+
+class PreemptedAfter(train_loop._Preemption):
+  """Reports a SIGTERM once `steps` training steps have run."""
+  steps = 0
+
+  def __enter__(self):
+    super().__enter__()
+    self._polls = 0
+    return self
+
+  @property
+  def requested(self):
+    self._polls += 1
+    return self._polls >= self.steps
+
+  @requested.setter
+  def requested(self, value):
+    pass

@@ -36,7 +36,7 @@ from etils import epath
 from PIL import Image
 
 import multihost_worker
-from conftest import ldm_config, vae_config
+from conftest import PreemptedAfter, ldm_config, vae_config
 from ldm_jax import checkpoint, config as config_lib, data, launch, parallel, runs, train_loop
 from ldm_jax.data import augment, pipeline
 
@@ -309,25 +309,6 @@ def _on_devices(monkeypatch, count: int) -> None:
                       lambda num_devices=None: real(num_devices or count))
 
 
-class _PreemptedAfter(train_loop._Preemption):
-  """A SIGTERM once `steps` steps have run (single process)."""
-  steps = 0
-
-  def __enter__(self):
-    super().__enter__()
-    self._polls = 0
-    return self
-
-  @property
-  def requested(self):
-    self._polls += 1
-    return self._polls >= self.steps
-
-  @requested.setter
-  def requested(self, value):
-    pass
-
-
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -380,9 +361,9 @@ def test_vae_on_two_processes_matches_one_through_kill_rerun_and_preemption(
   assert len(expected_losses) == VAE_STEPS
 
   workdir = str(tmp_path / "run")
-  monkeypatch.setattr(train_loop, "_Preemption", type("After2", (_PreemptedAfter,), {"steps": 2}))
+  monkeypatch.setattr(train_loop, "_Preemption", type("After2", (PreemptedAfter,), {"steps": 2}))
   train_loop.train_and_evaluate(vae_config(tiny_data_dir, **settings), workdir)
-  monkeypatch.setattr(train_loop, "_Preemption", _PreemptedAfter.__mro__[1])
+  monkeypatch.setattr(train_loop, "_Preemption", PreemptedAfter.__mro__[1])
   assert _latest_step(workdir) == 2
 
   command = [sys.executable, "train.py", "--config=configs/tiny_vae.py", f"--workdir={workdir}",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import vae_config
+from conftest import PreemptedAfter, vae_config
 from ldm_jax import checkpoint, config as config_lib, data, parallel, runs, train_loop, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,25 +96,6 @@ def test_sharded_step_equals_single_device_step(tiny_data_dir):
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ValueError, match="multiple of the number of devices"):
     parallel.check_batch_size(12, parallel.make_mesh(8))
-
-
-class PreemptedAfter(train_loop._Preemption):
-  """Reports a SIGTERM once `steps` training steps have run."""
-  steps = 0
-
-  def __enter__(self):
-    super().__enter__()
-    self._polls = 0
-    return self
-
-  @property
-  def requested(self):
-    self._polls += 1
-    return self._polls >= self.steps
-
-  @requested.setter
-  def requested(self, value):
-    pass
 
 
 def test_resume_continues_exactly(vae_workdir, tiny_data_dir, tmp_path, monkeypatch):
