@@ -97,8 +97,7 @@ def fid_key(count: int) -> str:
 
 def _validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Everything that can be checked before any work is done."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f"--workdir {workdir} is a file; the main job needs a directory")
+  train_loop.check_workdir_path(workdir)
   vae_config, ldm_config = config.vae_stage, config.ldm_stage
   if vae_config.stage != "vae" or ldm_config.stage != "ldm":
     raise ValueError("a pipeline recipe needs vae_stage.stage='vae' and ldm_stage.stage='ldm', "

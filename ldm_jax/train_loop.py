@@ -76,7 +76,8 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_workdir_path(workdir: str) -> None:
+def check_workdir_path(workdir: str) -> None:
+  """A clear error when `workdir` names a file, before anything is written."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(
         f"--workdir {workdir} is a file, not a directory; give a new directory "
@@ -240,7 +241,7 @@ def _fid(config, stage, graphdef, state, mesh) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint."""
-  _check_workdir_path(workdir)
+  check_workdir_path(workdir)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)  # Before any work is done.
   runs.attach_vae_config(config)

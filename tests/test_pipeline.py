@@ -127,6 +127,14 @@ def test_bad_config_is_refused_before_any_work(tiny_data_dir, random_fid_weights
   assert not workdir.exists()
 
 
+def test_workdir_that_is_a_file_is_refused(tiny_data_dir, random_fid_weights, tmp_path):
+  workdir = tmp_path / "job"
+  workdir.write_text("not a directory")
+  with pytest.raises(NotADirectoryError, match="is a file"):
+    pipeline.run(pipeline_config(tiny_data_dir, random_fid_weights), str(workdir))
+  assert workdir.read_text() == "not a directory"
+
+
 def test_fid_keys():
   assert [pipeline.fid_key(n) for n in (512, 2000, 10_000, 2048)] == [
       "fid_512", "fid_2k", "fid_10k", "fid_2048"]
