@@ -27,6 +27,8 @@ _SAMPLER = flags.DEFINE_string(
 _STEPS = flags.DEFINE_integer("steps", 20, "Sampler steps (ddpm always takes all T).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like.")
 _GUIDANCE = flags.DEFINE_float("guidance", 2.0, "Classifier-free guidance weight w.")
+_CLIP_X0 = flags.DEFINE_float("clip_x0", None, "Clip every x0 estimate of the sampler to "
+                              "[-C, C] in unit-std latent units; unset: no clipping.")
 _CLASSES = flags.DEFINE_list("classes", None,
                              "Class ids or names to sample (default: all, balanced).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same images, on any device count.")
@@ -52,7 +54,8 @@ def main(argv):
   result = run(
       _WORKDIR.value, _OUT.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
       steps=_STEPS.value, guidance=_GUIDANCE.value, classes=_CLASSES.value, seed=_SEED.value,
-      batch_size=_BATCH_SIZE.value, eta=_ETA.value, step=_STEP.value, use_ema=_USE_EMA.value,
+      batch_size=_BATCH_SIZE.value, eta=_ETA.value, clip_x0=_CLIP_X0.value, step=_STEP.value,
+      use_ema=_USE_EMA.value,
       grid_per_class=_GRID_PER_CLASS.value, grid_classes=_GRID_CLASSES.value, fid=_FID.value,
       fid_weights=_FID_WEIGHTS.value, fid_reference=_FID_REFERENCE.value,
       data_dir=_DATA_DIR.value)

@@ -5,7 +5,8 @@
       --settings=ddpm-1000@2,ddim-50@2,dpm_solver-10@2,dpm_solver-20@2 \
       --settings=dpm_solver-20@0,dpm_solver-20@1,dpm_solver-20@3,dpm_solver-20@5
 
-Each setting is SAMPLER-STEPS@GUIDANCE. The same class-balanced labels and
+Each setting is SAMPLER-STEPS@GUIDANCE, optionally /clipC to clip every x0
+estimate to [-C, C] (e.g. dpm_solver-20@2/clip3). The same class-balanced labels and
 seed are used for every setting; images/s counts sampling and decoding only,
 after a first batch that compiles (not timed). Prints one markdown table row
 per setting, with FID-N against the reference statistics.
@@ -36,10 +37,12 @@ flags.mark_flags_as_required(["workdir", "reference"])
 
 
 def parse_setting(text: str) -> sampling.SamplerSettings:
+  text, _, clip = text.partition("/clip")
   sampler_steps, guidance = text.split("@")
   sampler, steps = sampler_steps.rsplit("-", 1)
   return sampling.SamplerSettings(sampler=sampler, num_steps=int(steps),
-                                  guidance=float(guidance))
+                                  guidance=float(guidance),
+                                  clip_x0=float(clip) if clip else None)
 
 
 def main(argv):
@@ -54,8 +57,8 @@ def main(argv):
   model = reference_lib.cached_model()
   mu_ref, sigma_ref, _ = fid_lib.load_statistics(_REFERENCE.value)
   batch = _BATCH_SIZE.value
-  print(f"| sampler | steps | w | FID-{_NUM_SAMPLES.value} | images/s |")
-  print("|---|---|---|---|---|")
+  print(f"| sampler | steps | w | clip x0 | FID-{_NUM_SAMPLES.value} | images/s |")
+  print("|---|---|---|---|---|---|")
   for setting in settings:
     decoder = stage.decoder(graphdef)
     # Compile (and warm) on one batch, then time the whole set.
@@ -68,7 +71,9 @@ def main(argv):
     mu, sigma = model.statistics(images, progress=False)
     value = fid_lib.frechet_distance(mu, sigma, mu_ref, sigma_ref)
     steps = 1000 if setting.sampler == "ddpm" else setting.num_steps
-    print(f"| {setting.sampler} | {steps} | {setting.guidance:g} | {value:.1f} | {speed:.1f} |",
+    clip = "-" if setting.clip_x0 is None else f"{setting.clip_x0:g}"
+    print(f"| {setting.sampler} | {steps} | {setting.guidance:g} | {clip} | {value:.1f} "
+          f"| {speed:.1f} |",
           flush=True)
 
 

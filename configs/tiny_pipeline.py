@@ -11,6 +11,6 @@ from ldm_jax import pipeline
 
 def get_config():
   config = pipeline.base_pipeline_config(tiny_vae.get_config(), tiny_ldm.get_config())
-  config.sample.update(num_samples=16, steps=3, batch_size=16)
+  config.sample.update(num_samples=16, steps=3, batch_size=16, clip_x0=4.0)
   config.fid.update(sample_counts=(8, 16), vae_reconstructions=16, batch_size=16)
   return config

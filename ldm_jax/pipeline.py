@@ -57,6 +57,8 @@ def base_pipeline_config(vae_config: ml_collections.ConfigDict,
       sampler="dpm_solver",
       steps=20,
       guidance=2.0,
+      # x0 clipping in the sampler (sampling.SamplerSettings.clip_x0); None: off.
+      clip_x0=ml_collections.config_dict.placeholder(float),
       use_ema=True,
       batch_size=250,
       seed=0,
@@ -114,7 +116,7 @@ def _validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ValueError(f"{name}_stage.train.batch_size: {error}") from None
   settings = config.sample
   sampling.SamplerSettings(sampler=settings.sampler, num_steps=settings.steps,
-                           guidance=settings.guidance)
+                           guidance=settings.guidance, clip_x0=settings.get("clip_x0"))
   counts = tuple(config.fid.sample_counts)
   if any(c < 2 for c in counts) or (counts and max(counts) > settings.num_samples):
     raise ValueError(f"fid.sample_counts {counts} must lie in 2..sample.num_samples "
@@ -173,7 +175,8 @@ def _sample(config, workdir: str, out: str) -> None:
   sample_job.run(
       os.path.join(workdir, "ldm"), partial, num_samples=settings.num_samples,
       sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance,
-      seed=settings.seed, batch_size=settings.batch_size, use_ema=settings.use_ema)
+      clip_x0=settings.get("clip_x0"), seed=settings.seed, batch_size=settings.batch_size,
+      use_ema=settings.use_ema)
   if _is_primary():
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
@@ -241,7 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     settings = config.sample
     results.write(num_samples=settings.num_samples, sampler=settings.sampler,
                   sampler_steps=settings.steps, guidance=settings.guidance,
-                  ema=settings.use_ema)
+                  clip_x0=settings.get("clip_x0"), ema=settings.use_ema)
 
   wanted = [fid_key(c) for c in config.fid.sample_counts]
   if config.fid.vae_reconstructions:

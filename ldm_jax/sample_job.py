@@ -47,7 +47,8 @@ def check_out_dir(out: str) -> None:
 
 def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, guidance: float,
         classes: Sequence[str] | None = None, seed: int = 0, batch_size: int = 256,
-        eta: float = 0.0, step: int | None = None, use_ema: bool = True,
+        eta: float = 0.0, clip_x0: float | None = None, step: int | None = None,
+        use_ema: bool = True,
         grid_per_class: int = 10, grid_classes: int = 10, fid: bool = False,
         fid_weights: str | None = None, fid_reference: str | None = None,
         data_dir: str | None = None) -> dict:
@@ -58,7 +59,7 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, g
 
   # Everything that can be wrong is checked before any sampling starts.
   settings = sampling.SamplerSettings(sampler=sampler, num_steps=steps, guidance=guidance,
-                                      eta=eta)
+                                      eta=eta, clip_x0=clip_x0)
   if num_samples < 1:
     raise ValueError(f"--num_samples must be positive, got {num_samples}")
   check_out_dir(out)

@@ -27,6 +27,11 @@ class SamplerSettings:
   num_steps: int | None = 50  # Ignored by 'ddpm', which takes every step.
   guidance: float = 2.0  # 1 = plain conditional, 0 = unconditional.
   eta: float = 0.0
+  # Clip every x0 estimate to [-clip_x0, clip_x0] (latents are scaled to unit
+  # std). An undertrained eps network's x0 estimate near t = T is its small
+  # eps error divided by alpha_T = 0.006; deterministic samplers lock that
+  # in (latents 7x too large, saturated images) unless it is clipped.
+  clip_x0: float | None = None
 
   def __post_init__(self):
     if self.sampler not in diffusion.SAMPLERS:
@@ -38,6 +43,8 @@ class SamplerSettings:
       raise ValueError(f"eta applies to the ddim sampler only, not {self.sampler}")
     if self.eta < 0:
       raise ValueError(f"eta must be >= 0, got {self.eta}")
+    if self.clip_x0 is not None and not self.clip_x0 > 0:
+      raise ValueError(f"clip_x0 must be positive or None, got {self.clip_x0}")
     if self.guidance < 0:
       raise ValueError(f"guidance must be >= 0, got {self.guidance}")
 
@@ -70,7 +77,7 @@ def _sample_batch(decoder: LatentDecoder, settings: SamplerSettings, params, res
   model_fn = diffusion.guided_model_fn(denoiser, labels, decoder.num_classes, settings.guidance)
   z_0 = diffusion.sample(settings.sampler, model_fn, decoder.schedule, z_T, sampler_rng,
                          num_steps=settings.num_steps, eta=settings.eta,
-                         prediction=decoder.prediction)
+                         prediction=decoder.prediction, clip_x0=settings.clip_x0)
   return vae.decode(z_0 / frozen["latent_scale"])
 
 

@@ -87,6 +87,21 @@ def test_samples_are_the_same_on_one_and_eight_devices(ldm_workdir):
   assert (diff == 0).mean() > 0.99
 
 
+def test_clip_x0_reaches_the_sampler(ldm_workdir):
+  # A clip that never bites changes nothing; a tight one changes the images.
+  saved, graphdef, state = runs.load_run(ldm_workdir)
+  stage = runs.make_stage(ml_collections.ConfigDict(saved))
+  labels = np.arange(8, dtype=np.int32)
+  outputs = {}
+  for clip in (None, 1e6, 0.05):
+    settings = sampling.SamplerSettings("dpm_solver", num_steps=3, guidance=2.0, clip_x0=clip)
+    outputs[clip] = sampling.generate(stage.decoder(graphdef), settings, state.ema_params,
+                                      state.rest, state.frozen, labels, seed=3, batch_size=8,
+                                      mesh=parallel.make_mesh(8)).astype(int)
+  np.testing.assert_array_equal(outputs[1e6], outputs[None])
+  assert np.abs(outputs[0.05] - outputs[None]).mean() > 5
+
+
 def run_sample(workdir, out, **overrides):
   kwargs = dict(num_samples=12, sampler="ddim", steps=3, guidance=2.0, batch_size=8,
                 grid_per_class=3)
@@ -113,6 +128,7 @@ def test_sample_py_writes_all_outputs(ldm_workdir, tmp_path):
     (dict(classes=["no_such_class"]), ValueError, "unknown class"),
     (dict(sampler="euler"), ValueError, "unknown sampler"),
     (dict(sampler="dpm_solver", eta=0.5), ValueError, "eta"),
+    (dict(clip_x0=0.0), ValueError, "clip_x0"),
 ])
 def test_sample_py_rejects_bad_input_before_writing(ldm_workdir, tmp_path, overrides, error,
                                                     message):

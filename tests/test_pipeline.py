@@ -53,8 +53,8 @@ def test_main_job_writes_every_output(main_job):
   for key in ("fid_8", "fid_16", "vae_rfid_16"):
     assert np.isfinite(results[key]) and results[key] > 0, key
   assert results["fid_8"] != results["fid_16"]  # Over different sample counts.
-  assert (results["sampler"], results["sampler_steps"], results["num_samples"]) == (
-      config.sample.sampler, 3, 16)
+  assert (results["sampler"], results["sampler_steps"], results["num_samples"],
+          results["clip_x0"]) == (config.sample.sampler, 3, 16, 4.0)
   assert set(results["seconds"]) == {"vae", "ldm", "sample", "fid", "total"}
   assert all(v > 0 for v in results["seconds"].values())
   # The LDM was trained on this job's VAE.
