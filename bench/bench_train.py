@@ -2,11 +2,13 @@
 
   python bench/bench_train.py --config=configs/cifar100_vae.py --batch_size=64
   python bench/bench_train.py --config=configs/cifar100_ldm.py
+  python bench/bench_train.py --config=configs/cifar100_cpu.py --stage=ldm   # a main-job stage
 
 Times the real jit-compiled train step of the loop (on all devices, with the
 state donated) on random batches, after a warm-up step that compiles it. An
 LDM recipe gets a freshly initialised VAE of its default architecture as its
-frozen encoder: the VAE's weights do not change the cost.
+frozen encoder (a main-job recipe: its own VAE stage's architecture); the
+VAE's weights do not change the cost.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from ldm_jax import parallel, runs
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar100_vae.py", "Recipe.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: the recipe's).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
+_STAGE = flags.DEFINE_enum("stage", "ldm", ["vae", "ldm"], "Stage of a main-job recipe to time.")
 
 
-def frozen_for(config, mesh):
+def frozen_for(config, mesh, vae_config=None):
   if config.stage != "ldm":
     return None
-  vae_config = cifar100_vae.get_config()
+  vae_config = vae_config or cifar100_vae.get_config()
   with config.unlocked():
     config.vae = vae_config.vae
   vae_stage = runs.make_stage(vae_config)
@@ -45,11 +48,14 @@ def frozen_for(config, mesh):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config, vae_config = _CONFIG.value, None
+  if config.stage == "pipeline":
+    vae_config = config.vae_stage
+    config = config.vae_stage if _STAGE.value == "vae" else config.ldm_stage
   batch_size = _BATCH_SIZE.value or config.train.batch_size
   mesh = parallel.make_mesh()
   parallel.check_batch_size(batch_size, mesh)
-  frozen = frozen_for(config, mesh)
+  frozen = frozen_for(config, mesh, vae_config)
   stage = runs.make_stage(config)
   graphdef, state = runs.init_train_state(stage, config, frozen, parallel.replicated(mesh))
   step, _ = runs.compile_steps(stage, config, mesh, graphdef, state)

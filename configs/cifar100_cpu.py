@@ -27,12 +27,14 @@ def get_config():
   vae.eval.num_examples = 1_000
 
   ldm = cifar100_ldm.get_config()
+  # No dropout: a run this short underfits (FID-512 218.9 without against
+  # 222.4 with 0.1 at 500 steps, equal eval loss).
   ldm.unet.update(channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
-                  attention_levels=(1,), context_dim=128)
+                  attention_levels=(1,), context_dim=128, dropout=0.0)
   # The original's plain eps loss: at 500 steps it scored FID-512 221.6
   # against 236.5 for v-prediction with Min-SNR-5 weighting, whose samples
   # look more natural in colour but score worse (docs/results.md).
-  ldm.train.update(batch_size=64, num_steps=1_400, eval_every=1_400, checkpoint_every=350,
+  ldm.train.update(batch_size=64, num_steps=1_800, eval_every=1_800, checkpoint_every=450,
                    log_every=50)
   ldm.optim.update(learning_rate=1e-3, warmup_steps=100)
   ldm.eval.num_examples = 1_000
@@ -41,4 +43,9 @@ def get_config():
   # Flips only, as DDPM and EDM train CIFAR: the original's zero-padded crop
   # (data.crop_padding=4) teaches both stages black borders.
   config.data.crop_padding = 0
+  # The eps network's x0 estimates near t = T are its small eps error divided
+  # by alpha_T = 0.006: unclipped, sampled latents end 7x wider than encoded
+  # ones (saturated blobs). Clipping at 3 std: FID-512 186.0 -> 177.2 on the
+  # 1,400-step model (2 -> 184.8, 4.5 -> 177.8).
+  config.sample.clip_x0 = 3.0
   return config
