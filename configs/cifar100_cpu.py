@@ -8,10 +8,15 @@ The two stage recipes of configs/cifar100.py, shrunk until the whole job fits
 the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
-Reached (commit 88b4e44, 2 CPU cores, 61.7 min for the whole command):
-FID-512 186.0, FID-2k 152.6 (dpm_solver-20, w=2, EMA), VAE reconstruction
-FID-2k 67.7, VAE test PSNR 23.2 dB. Short of the original's 157.55; see
-docs/results.md for what would close the gap.
+Reached (2 CPU cores, 1 device; docs/results.md):
+  commit 2f0688f, as committed (3,000 LDM steps): FID-512 158.2, FID-2k
+    125.6 (dpm_solver-20, w=2, x0 clip 3, EMA), VAE reconstruction FID-2k
+    67.6; whole job 56.8 min (VAE 8.1 + LDM 39.7 + samples 3.3 + FID 5.5).
+  commit a195d17 (1,800 LDM steps): FID-512 169.9, FID-2k 138.4; 40.6 min
+    (VAE 8.1, LDM 23.5, samples 3.2, FID 5.7), VAE test PSNR 23.2 dB.
+  commit 88b4e44 (round 2: YNNPACK convolutions, dropout 0.1, no clip,
+    1,400 steps): FID-512 186.0, FID-2k 152.6; 61.7 min.
+The original reported FID-512 157.55 after 8 GPU-hours.
 """
 
 from configs import cifar100_ldm, cifar100_vae
