@@ -116,7 +116,7 @@ def _validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ValueError(f"{name}_stage.train.batch_size: {error}") from None
   settings = config.sample
   sampling.SamplerSettings(sampler=settings.sampler, num_steps=settings.steps,
-                           guidance=settings.guidance, clip_x0=settings.get("clip_x0"))
+                           guidance=settings.guidance, clip_x0=settings.clip_x0)
   counts = tuple(config.fid.sample_counts)
   if any(c < 2 for c in counts) or (counts and max(counts) > settings.num_samples):
     raise ValueError(f"fid.sample_counts {counts} must lie in 2..sample.num_samples "
@@ -175,7 +175,7 @@ def _sample(config, workdir: str, out: str) -> None:
   sample_job.run(
       os.path.join(workdir, "ldm"), partial, num_samples=settings.num_samples,
       sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance,
-      clip_x0=settings.get("clip_x0"), seed=settings.seed, batch_size=settings.batch_size,
+      clip_x0=settings.clip_x0, seed=settings.seed, batch_size=settings.batch_size,
       use_ema=settings.use_ema)
   if _is_primary():
     shutil.rmtree(out, ignore_errors=True)
@@ -244,7 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     settings = config.sample
     results.write(num_samples=settings.num_samples, sampler=settings.sampler,
                   sampler_steps=settings.steps, guidance=settings.guidance,
-                  clip_x0=settings.get("clip_x0"), ema=settings.use_ema)
+                  clip_x0=settings.clip_x0, ema=settings.use_ema)
 
   wanted = [fid_key(c) for c in config.fid.sample_counts]
   if config.fid.vae_reconstructions:

@@ -327,9 +327,9 @@ def _named_leaves(tree) -> list[tuple[str, np.ndarray]]:
 # the rounding noise of their gradient, which differs with the program's
 # reduction order, into steps of about the learning rate. Over these 16 steps
 # (smoke learning rate 3e-3, cosine) that adds up to about 0.03 at most, and
-# XLA's own convolution kernels (ldm_jax/__init__.py) reach 0.008. So biases
-# are held to that bound; every other parameter must agree closely, and the
-# losses of every step to 1e-6.
+# XLA's own convolution kernels (ldm_jax/__init__.py) reach 0.008. So a bias
+# that small is held only to that bound; every other parameter, larger
+# biases included, must agree closely, and the losses of every step to 1e-6.
 _ADAM_NOISE_BOUND = 3e-2
 
 
@@ -337,7 +337,8 @@ def _assert_same_params(ours: list[np.ndarray], theirs: list[tuple[str, np.ndarr
   assert len(ours) == len(theirs)
   tight = 0
   for a, (name, b) in zip(ours, theirs):
-    if name.endswith("['bias'].value"):
+    small = max(np.abs(a).max(), np.abs(b).max()) < _ADAM_NOISE_BOUND
+    if name.endswith("['bias'].value") and small:
       np.testing.assert_allclose(a, b, rtol=0, atol=_ADAM_NOISE_BOUND, err_msg=name)
       continue
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
