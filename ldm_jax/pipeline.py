@@ -97,7 +97,7 @@ def fid_key(count: int) -> str:
   return f"fid_{count // 1000}k" if count >= 1000 and count % 1000 == 0 else f"fid_{count}"
 
 
-def _validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Everything that can be checked before any work is done."""
   train_loop.check_workdir_path(workdir)
   vae_config, ldm_config = config.vae_stage, config.ldm_stage
@@ -218,7 +218,7 @@ def _fid(config, workdir: str, samples_dir: str) -> dict[str, float]:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole job in `workdir`; returns results.json's content."""
-  _validate(config, workdir)
+  validate(config, workdir)
   data.ensure_prepared(config.data)  # Says how to prepare it by hand if it cannot.
   os.makedirs(workdir, exist_ok=True)
   results = _Results(workdir)

@@ -1,5 +1,6 @@
 """The main job (train.py with a pipeline recipe): both stages, samples, FID."""
 
+import importlib
 import json
 import os
 import shutil
@@ -138,3 +139,13 @@ def test_workdir_that_is_a_file_is_refused(tiny_data_dir, random_fid_weights, tm
 def test_fid_keys():
   assert [pipeline.fid_key(n) for n in (512, 2000, 10_000, 2048)] == [
       "fid_512", "fid_2k", "fid_10k", "fid_2048"]
+
+
+@pytest.mark.parametrize("recipe", ["cifar100", "cifar100_cpu"])
+def test_committed_main_job_recipes_pass_the_checks(recipe, random_fid_weights, tmp_path):
+  """The full-size recipes build and pass what `pipeline.run` checks first."""
+  config = importlib.import_module(f"configs.{recipe}").get_config()
+  config.fid.weights = random_fid_weights
+  pipeline.validate(config, str(tmp_path / "job"))
+  names = [name for name, _, _ in pipeline.stage_configs(config, str(tmp_path / "job"))]
+  assert names == ["vae", "ldm"]
