@@ -9,9 +9,12 @@ the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
-  commit 2f0688f, as committed (3,000 LDM steps): FID-512 158.2, FID-2k
-    125.6 (dpm_solver-20, w=2, x0 clip 3, EMA), VAE reconstruction FID-2k
-    67.6; whole job 56.8 min (VAE 8.1 + LDM 39.7 + samples 3.3 + FID 5.5).
+  commit 7c4e420, as committed (3,000 LDM steps; dpm_solver-20, w=10, x0
+    clip 3, EMA): FID-512 145.4, FID-2k 111.1, VAE reconstruction FID-2k
+    67.6; whole job 56.7 min (VAE 8.1 + LDM 39.7 + samples 3.0 + FID 5.9;
+    the two stages trained at 2f0688f, whose training recipe this is).
+  commit 2f0688f (the same model sampled at w=2): FID-512 158.2, FID-2k
+    125.6; 56.8 min (VAE 8.1 + LDM 39.7 + samples 3.3 + FID 5.5).
   commit a195d17 (1,800 LDM steps): FID-512 169.9, FID-2k 138.4; 40.6 min
     (VAE 8.1, LDM 23.5, samples 3.2, FID 5.7), VAE test PSNR 23.2 dB.
   commit 88b4e44 (round 2: YNNPACK convolutions, dropout 0.1, no clip,
