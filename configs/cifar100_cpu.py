@@ -57,7 +57,7 @@ def get_config():
   # 1,400-step model (2 -> 184.8, 4.5 -> 177.8).
   config.sample.clip_x0 = 3.0
   # Guidance measured on the 3,000-step model (dpm_solver-20, clip 3):
-  # FID-2k 125.6 at w=2, 116.9 at 5, 113.5 at 7, 111.1 at 10; FID-512 158.1
-  # at 2, 150.8 at 5, 146.1 at 10 (docs/results.md has every setting).
+  # FID-2k 125.6 at w=2, 116.9 at 5, 113.5 at 7, 111.1 at 10, 113.1 at 15;
+  # FID-512 158.1 at 2, 150.8 at 5, 146.1 at 10 (docs/results.md: every run).
   config.sample.guidance = 10.0
   return config
