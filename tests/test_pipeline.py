@@ -143,7 +143,7 @@ def test_fid_keys():
 
 @pytest.mark.parametrize("recipe", ["cifar100", "cifar100_cpu"])
 def test_committed_main_job_recipes_pass_the_checks(recipe, random_fid_weights, tmp_path):
-  """The full-size recipes build and pass what `pipeline.run` checks first."""
+  """The full-size recipes pass what `pipeline.run` checks before any work."""
   config = importlib.import_module(f"configs.{recipe}").get_config()
   config.fid.weights = random_fid_weights
   pipeline.validate(config, str(tmp_path / "job"))
