@@ -146,6 +146,4 @@ def test_committed_main_job_recipes_pass_the_checks(recipe, random_fid_weights, 
   """The full-size recipes pass what `pipeline.run` checks before any work."""
   config = importlib.import_module(f"configs.{recipe}").get_config()
   config.fid.weights = random_fid_weights
-  pipeline.validate(config, str(tmp_path / "job"))
-  names = [name for name, _, _ in pipeline.stage_configs(config, str(tmp_path / "job"))]
-  assert names == ["vae", "ldm"]
+  pipeline.validate(config, str(tmp_path / "job"))  # Raises on what it finds wrong.
