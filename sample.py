@@ -1,7 +1,12 @@
 """Samples images from a trained LDM workdir, and optionally scores their FID.
 
   python sample.py --workdir=runs/ldm --out=out --num_samples=512 \
-      --sampler=dpm_solver --steps=20 --guidance=2.0 [--classes=3,17,apple] [--fid]
+      [--sampler=dpm_solver --steps=20 --guidance=2.0 --clip_x0=3] [--classes=3,17,apple] [--fid]
+
+The sampler flags default to the run's own sampler, the `eval` section of its
+config (sampler, sample_steps, guidance, clip_x0): for the main job's W/ldm,
+the settings its samples and FID were made with (for configs/cifar100_cpu.py,
+dpm_solver-20, w=10, clip 3, chosen by the table in docs/results.md).
 
 Writes, under --out:
   generated_samples/   one PNG per image, named <index>_<class name>.png
@@ -15,20 +20,25 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from ldm_jax import cli
-from ldm_jax.sample_job import OUTPUTS, check_out_dir, parse_classes, run  # noqa: F401
+from ldm_jax.sample_job import NO_CLIP, OUTPUTS, check_out_dir, parse_classes, run  # noqa: F401
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of an LDM run.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (must be new or empty).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 512, "How many images.")
+_RUNS_OWN = " (default: the run's own, eval.{} of its config)"
 _SAMPLER = flags.DEFINE_string(
-    "sampler", "dpm_solver",
-    "ddpm | ddim | dpm_solver (DPM-Solver++(2M): ddim-50's FID in 20 steps, docs/results.md).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Sampler steps (ddpm always takes all T).")
+    "sampler", None,
+    "ddpm | ddim | dpm_solver (DPM-Solver++(2M): ddim-50's FID in 20 steps, docs/results.md)"
+    + _RUNS_OWN.format("sampler"))
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (ddpm always takes all T)"
+                              + _RUNS_OWN.format("sample_steps"))
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like.")
-_GUIDANCE = flags.DEFINE_float("guidance", 2.0, "Classifier-free guidance weight w.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance weight w"
+                               + _RUNS_OWN.format("guidance"))
 _CLIP_X0 = flags.DEFINE_float("clip_x0", None, "Clip every x0 estimate of the sampler to "
-                              "[-C, C] in unit-std latent units; unset: no clipping.")
+                              "[-C, C] in unit-std latent units; 0: no clipping"
+                              + _RUNS_OWN.format("clip_x0"))
 _CLASSES = flags.DEFINE_list("classes", None,
                              "Class ids or names to sample (default: all, balanced).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same images, on any device count.")
@@ -59,7 +69,9 @@ def main(argv):
       grid_per_class=_GRID_PER_CLASS.value, grid_classes=_GRID_CLASSES.value, fid=_FID.value,
       fid_weights=_FID_WEIGHTS.value, fid_reference=_FID_REFERENCE.value,
       data_dir=_DATA_DIR.value)
-  print(f"wrote {result['num_samples']} samples to {_OUT.value}")
+  used = result["sampler"]
+  print(f"wrote {result['num_samples']} samples to {_OUT.value} ({used['sampler']}, "
+        f"{used['num_steps']} steps, guidance {used['guidance']}, clip_x0 {used['clip_x0']})")
   for key, value in result.items():
     if key.startswith("FID"):
       print(f"{key} (against the train statistics): {value:.3f}")

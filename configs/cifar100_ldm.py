@@ -74,8 +74,11 @@ def get_config():
   config.optim.learning_rate = 2e-4
   config.optim.warmup_steps = 1_000
   config.eval.num_examples = 2_000
+  # The run's sampler: its eval pictures use it and sample.py defaults to it
+  # (a main job writes its `sample` settings here).
   config.eval.sampler = "dpm_solver"
   config.eval.sample_steps = 20
   config.eval.guidance = 2.0
+  config.eval.clip_x0 = ml_collections.config_dict.placeholder(float)  # None: no clipping.
   config.eval.picture_classes = 10  # Rows of the sample grid written at each eval.
   return config

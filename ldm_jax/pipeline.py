@@ -88,6 +88,11 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str
     stage_config.seed = config.seed
     if name == "ldm":
       stage_config.vae_checkpoint = os.path.join(workdir, "vae")
+      # The job's sampler becomes the run's: eval pictures show what the final
+      # samples will look like, and sample.py on W/ldm defaults to it.
+      settings = config.sample
+      stage_config.eval.update(sampler=settings.sampler, sample_steps=settings.steps,
+                               guidance=settings.guidance, clip_x0=settings.clip_x0)
     out.append((name, os.path.join(workdir, name), stage_config))
   return out
 
@@ -172,11 +177,13 @@ def _sample(config, workdir: str, out: str) -> None:
   if _is_primary():
     shutil.rmtree(partial, ignore_errors=True)
   settings = config.sample
+  # Passed in full: a stage trained before its config carried the sampler
+  # would otherwise fall back to its own.
   sample_job.run(
       os.path.join(workdir, "ldm"), partial, num_samples=settings.num_samples,
       sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance,
-      clip_x0=settings.clip_x0, seed=settings.seed, batch_size=settings.batch_size,
-      use_ema=settings.use_ema)
+      clip_x0=settings.clip_x0 or sample_job.NO_CLIP, seed=settings.seed,
+      batch_size=settings.batch_size, use_ema=settings.use_ema)
   if _is_primary():
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)

@@ -10,12 +10,14 @@ writes the very same files:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
 import numpy as np
 
 OUTPUTS = ("generated_samples", "grid_samples.png", "comparison.png", "samples.npz")
+NO_CLIP = 0.0  # clip_x0 that turns clipping off even where the run's sampler clips.
 
 
 def parse_classes(values: Sequence[str] | None, names: Sequence[str]) -> list[int]:
@@ -45,21 +47,24 @@ def check_out_dir(out: str) -> None:
                           "pick a new --out so nothing is overwritten")
 
 
-def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, guidance: float,
+def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
+        steps: int | None = None, guidance: float | None = None,
         classes: Sequence[str] | None = None, seed: int = 0, batch_size: int = 256,
         eta: float = 0.0, clip_x0: float | None = None, step: int | None = None,
         use_ema: bool = True,
         grid_per_class: int = 10, grid_classes: int = 10, fid: bool = False,
         fid_weights: str | None = None, fid_reference: str | None = None,
         data_dir: str | None = None) -> dict:
-  """Writes OUTPUTS under `out` and returns {num_samples, FID-<n> if `fid`}."""
+  """Writes OUTPUTS under `out` and returns {num_samples, sampler, FID-<n> if `fid`}.
+
+  sampler, steps, guidance and clip_x0 default to the run's own sampler
+  (sampling.run_settings); clip_x0=NO_CLIP turns clipping off.
+  """
   import jax
   import ml_collections
   from ldm_jax import data, images, parallel, runs, sampling
 
   # Everything that can be wrong is checked before any sampling starts.
-  settings = sampling.SamplerSettings(sampler=sampler, num_steps=steps, guidance=guidance,
-                                      eta=eta, clip_x0=clip_x0)
   if num_samples < 1:
     raise ValueError(f"--num_samples must be positive, got {num_samples}")
   check_out_dir(out)
@@ -67,6 +72,8 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, g
   if saved.get("stage") != "ldm":
     raise ValueError(f"{workdir} is a {saved.get('stage')!r} run; sample.py needs an LDM run")
   config = ml_collections.ConfigDict(saved)
+  settings = sampling.run_settings(config.eval, sampler=sampler, steps=steps,
+                                   guidance=guidance, clip_x0=clip_x0, eta=eta)
   if data_dir is not None:
     config.data.data_dir = data_dir
   data.ensure_prepared(config.data)
@@ -105,7 +112,7 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str, steps: int, g
       images.to_uint8(originals), images.to_uint8(np.asarray(reconstructions))))
   np.savez(os.path.join(out, "samples.npz"), images=generated, labels=labels)
 
-  result = {"num_samples": len(generated)}
+  result = {"num_samples": len(generated), "sampler": dataclasses.asdict(settings)}
   if fid:
     from ldm_jax import fid as fid_lib
     result[fid_lib.fid_name(len(generated))] = fid_lib.fid_against_reference(

@@ -49,6 +49,25 @@ class SamplerSettings:
       raise ValueError(f"guidance must be >= 0, got {self.guidance}")
 
 
+def run_settings(eval_config, *, sampler: str | None = None, steps: int | None = None,
+                 guidance: float | None = None, clip_x0: float | None = None,
+                 eta: float = 0.0) -> SamplerSettings:
+  """A run's own sampler, with any field given here in its place.
+
+  A run's sampler is its config's `eval` section (sampler, sample_steps,
+  guidance, clip_x0): its eval pictures use it, sample.py defaults to it, and
+  the main job writes its `sample` settings there. clip_x0=0 turns clipping
+  off; configs saved before eval.clip_x0 existed sample unclipped.
+  """
+  if clip_x0 is None:
+    clip_x0 = eval_config.get("clip_x0")
+  return SamplerSettings(
+      sampler=eval_config["sampler"] if sampler is None else sampler,
+      num_steps=eval_config["sample_steps"] if steps is None else steps,
+      guidance=eval_config["guidance"] if guidance is None else guidance,
+      eta=eta, clip_x0=clip_x0 or None)
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentDecoder:
   """What turns a denoiser into images: its graph, the frozen VAE, the schedule."""

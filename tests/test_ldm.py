@@ -128,7 +128,7 @@ def test_sample_py_writes_all_outputs(ldm_workdir, tmp_path):
     (dict(classes=["no_such_class"]), ValueError, "unknown class"),
     (dict(sampler="euler"), ValueError, "unknown sampler"),
     (dict(sampler="dpm_solver", eta=0.5), ValueError, "eta"),
-    (dict(clip_x0=0.0), ValueError, "clip_x0"),
+    (dict(clip_x0=-1.0), ValueError, "clip_x0"),
 ])
 def test_sample_py_rejects_bad_input_before_writing(ldm_workdir, tmp_path, overrides, error,
                                                     message):
@@ -136,6 +136,30 @@ def test_sample_py_rejects_bad_input_before_writing(ldm_workdir, tmp_path, overr
   with pytest.raises(error, match=message):
     run_sample(ldm_workdir, out, **overrides)
   assert not (out / "generated_samples").exists()
+
+
+def test_run_settings_take_the_runs_sampler_unless_given():
+  run_eval = {"sampler": "ddim", "sample_steps": 7, "guidance": 3.0, "clip_x0": 2.5}
+  assert sampling.run_settings(run_eval) == sampling.SamplerSettings(
+      "ddim", num_steps=7, guidance=3.0, clip_x0=2.5)
+  assert sampling.run_settings(run_eval, sampler="dpm_solver", steps=4, guidance=0.0,
+                               clip_x0=1.0) == sampling.SamplerSettings(
+                                   "dpm_solver", num_steps=4, guidance=0.0, clip_x0=1.0)
+  assert sampling.run_settings(run_eval, clip_x0=sample.NO_CLIP).clip_x0 is None
+  older = {k: v for k, v in run_eval.items() if k != "clip_x0"}  # Saved before clip_x0.
+  assert sampling.run_settings(older).clip_x0 is None
+
+
+def test_sample_py_uses_the_runs_sampler_by_default(ldm_workdir, tmp_path):
+  run_eval = runs.load_config(ldm_workdir)["eval"]
+  used = run_sample(ldm_workdir, tmp_path / "own", sampler=None, steps=None,
+                    guidance=None)["sampler"]
+  assert (used["sampler"], used["num_steps"], used["guidance"]) == (
+      run_eval["sampler"], run_eval["sample_steps"], run_eval["guidance"])
+  used = run_sample(ldm_workdir, tmp_path / "given", sampler=None, steps=None,
+                    guidance=run_eval["guidance"] + 1.5, clip_x0=2.0)["sampler"]
+  assert (used["sampler"], used["guidance"], used["clip_x0"]) == (
+      run_eval["sampler"], run_eval["guidance"] + 1.5, 2.0)
 
 
 def test_sample_py_needs_an_ldm_checkpoint(vae_workdir, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_pipeline
-from ldm_jax import pipeline, train_loop
+from ldm_jax import pipeline, sample_job, train_loop
 from ldm_jax.fid import stats
 
 
@@ -74,6 +74,24 @@ def test_main_job_fid_matches_the_fid_of_its_samples(main_job, random_fid_weight
   mu_ref, sigma_ref, _ = stats.load_statistics(reference_stats)
   np.testing.assert_allclose(stats.frechet_distance(mu, sigma, mu_ref, sigma_ref),
                              results["fid_8"], rtol=1e-6)
+
+
+def test_sample_py_on_the_ldm_stage_repeats_the_main_jobs_samples(main_job, tmp_path):
+  """The job's sampler settings are the LDM run's own, so sample.py needs none."""
+  config, workdir, _ = main_job
+  ldm_workdir = os.path.join(workdir, "ldm")
+  with open(os.path.join(ldm_workdir, "config.json")) as f:
+    run_eval = json.load(f)["eval"]
+  settings = config.sample
+  assert (run_eval["sampler"], run_eval["sample_steps"], run_eval["guidance"],
+          run_eval["clip_x0"]) == (settings.sampler, settings.steps, settings.guidance,
+                                   settings.clip_x0)
+  result = sample_job.run(ldm_workdir, str(tmp_path / "again"), num_samples=settings.num_samples,
+                          seed=settings.seed, batch_size=settings.batch_size)
+  assert result["sampler"]["clip_x0"] == settings.clip_x0
+  with np.load(os.path.join(workdir, "samples", "samples.npz")) as first, \
+      np.load(tmp_path / "again" / "samples.npz") as again:
+    np.testing.assert_array_equal(again["images"], first["images"])
 
 
 def test_rerun_retrains_nothing(main_job):

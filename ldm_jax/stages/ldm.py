@@ -116,9 +116,7 @@ class LDMStage(base.Stage):
     return self._decoder
 
   def _eval_sampler(self) -> sampling.SamplerSettings:
-    return sampling.SamplerSettings(
-        sampler=self.config.eval.sampler, num_steps=self.config.eval.sample_steps,
-        guidance=self.config.eval.guidance)
+    return sampling.run_settings(self.config.eval)
 
   def _generate(self, graphdef, state, labels, batch_size):
     mesh = parallel.make_mesh()
