@@ -150,18 +150,6 @@ def test_run_settings_take_the_runs_sampler_unless_given():
   assert sampling.run_settings(older).clip_x0 is None
 
 
-def test_sample_py_uses_the_runs_sampler_by_default(ldm_workdir, tmp_path):
-  run_eval = runs.load_config(ldm_workdir)["eval"]
-  used = run_sample(ldm_workdir, tmp_path / "own", sampler=None, steps=None,
-                    guidance=None)["sampler"]
-  assert (used["sampler"], used["num_steps"], used["guidance"]) == (
-      run_eval["sampler"], run_eval["sample_steps"], run_eval["guidance"])
-  used = run_sample(ldm_workdir, tmp_path / "given", sampler=None, steps=None,
-                    guidance=run_eval["guidance"] + 1.5, clip_x0=2.0)["sampler"]
-  assert (used["sampler"], used["guidance"], used["clip_x0"]) == (
-      run_eval["sampler"], run_eval["guidance"] + 1.5, 2.0)
-
-
 def test_sample_py_needs_an_ldm_checkpoint(vae_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
     run_sample(str(tmp_path / "empty"), tmp_path / "out")
