@@ -9,8 +9,8 @@ Each setting is SAMPLER-STEPS@GUIDANCE, optionally /clipC to clip every x0
 estimate to [-C, C] (e.g. dpm_solver-20@2/clip3). The same class-balanced labels and
 seed are used for every setting; images/s counts sampling and decoding only,
 after a first batch that compiles (not timed; with --nowarmup, compiling is
-counted too). Prints one markdown table row
-per setting, with FID-N against the reference statistics.
+counted too). Prints one markdown table row per setting, with FID-N against
+the reference statistics.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _SETTINGS = flags.DEFINE_multi_string("settings", [], "SAMPLER-STEPS@GUIDANCE, c
 _EMA = flags.DEFINE_bool("ema", True, "Sample with the EMA parameters.")
 _WARMUP = flags.DEFINE_bool(
     "warmup", True, "Compile on one untimed batch first. --nowarmup for ddpm-1000, where that "
-    "batch alone takes a quarter of an hour on 2 CPU cores and compiling is a small share.")
+    "batch alone takes about 18 min on 2 CPU cores and compiling is a small share.")
 flags.mark_flags_as_required(["workdir", "reference"])
 
 
