@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 from typing import Iterator
 
 import jax
@@ -102,14 +105,23 @@ def _sample_batch(decoder: LatentDecoder, settings: SamplerSettings, params, res
 
 def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, frozen,
              labels: np.ndarray, *, seed: int, batch_size: int, mesh: Mesh,
-             progress: bool = False) -> np.ndarray:
+             progress: bool = False, resume_dir: str | None = None) -> np.ndarray:
   """uint8 NHWC images, one per label, in the order of `labels`.
 
   Batch i uses key fold_in(seed, i) and the last batch is padded to the full
   size, so an image depends only on the seed, its index and `batch_size`.
+
+  With `resume_dir`, every finished batch is saved there and batches already
+  there are loaded instead of sampled, so a long job (ddpm-1000 over
+  thousands of images on a CPU takes hours) can be stopped and continued.
+  The directory records the settings, seed, batch size and labels, and a
+  call with others is refused; which weights made the batches is the
+  caller's to encode in the path.
   """
   labels = np.asarray(labels, dtype=np.int32)
   parallel.check_batch_size(batch_size, mesh)
+  if resume_dir is not None:
+    _claim_resume_dir(resume_dir, settings, labels, seed=seed, batch_size=batch_size)
   sharding = parallel.batch_sharding(mesh)
   key = jax.random.PRNGKey(seed)
   # The weights may sit on another device set (a checkpoint restored for a
@@ -120,11 +132,45 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
   for index, start in enumerate(tqdm(starts, desc=f"sampling ({settings.sampler})",
                                      disable=not progress, unit="batch")):
     chunk = labels[start:start + batch_size]
+    saved = None if resume_dir is None else os.path.join(resume_dir, f"batch_{index:05d}.npy")
+    if saved is not None and os.path.exists(saved):
+      out.append(np.load(saved))
+      continue
     padded = np.pad(chunk, (0, batch_size - len(chunk)), mode="edge")
     x = _sample_batch(decoder, settings, params, rest, frozen,
                       jax.device_put(padded, sharding), jax.random.fold_in(key, index))
     out.append(images.to_uint8(parallel.gather_to_host(x))[:len(chunk)])
+    if saved is not None and jax.process_index() == 0:
+      _save_atomically(saved, out[-1])
   return np.concatenate(out) if out else np.zeros((0,), np.uint8)
+
+
+def _claim_resume_dir(resume_dir: str, settings: SamplerSettings, labels: np.ndarray, *,
+                      seed: int, batch_size: int) -> None:
+  """Writes (or checks) what the batches in `resume_dir` were sampled with."""
+  manifest = dict(settings=dataclasses.asdict(settings), seed=seed, batch_size=batch_size,
+                  num_images=len(labels),
+                  labels_sha256=hashlib.sha256(labels.tobytes()).hexdigest())
+  path = os.path.join(resume_dir, "manifest.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      found = json.load(f)
+    if found != manifest:
+      raise ValueError(f"{resume_dir} holds batches of another sampling job ({found}); "
+                       f"this one is {manifest}. Use a new directory.")
+    return
+  if jax.process_index() == 0:
+    os.makedirs(resume_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(manifest, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+  # A batch file is either whole or absent, even if the job is killed mid-write.
+  with open(path + ".tmp", "wb") as f:
+    np.save(f, array)
+  os.replace(path + ".tmp", path)
 
 
 def balanced_labels(num_images: int, num_classes: int) -> np.ndarray:

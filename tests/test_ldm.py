@@ -102,6 +102,38 @@ def test_clip_x0_reaches_the_sampler(ldm_workdir):
   assert np.abs(outputs[0.05] - outputs[None]).mean() > 5
 
 
+def test_sampling_into_a_resume_dir_continues_where_it_stopped(ldm_workdir, tmp_path):
+  saved, graphdef, state = runs.load_run(ldm_workdir)
+  stage = runs.make_stage(ml_collections.ConfigDict(saved))
+  settings = sampling.SamplerSettings("ddim", num_steps=2, guidance=2.0)
+  labels = np.arange(20, dtype=np.int32) % 10
+  mesh = parallel.make_mesh(8)
+
+  def generate(resume_dir, settings=settings, seed=3):
+    return sampling.generate(stage.decoder(graphdef), settings, state.ema_params, state.rest,
+                             state.frozen, labels, seed=seed, batch_size=8, mesh=mesh,
+                             resume_dir=resume_dir)
+
+  plain = generate(None)
+  resume_dir = str(tmp_path / "batches")
+  np.testing.assert_array_equal(generate(resume_dir), plain)
+  batches = sorted(f for f in os.listdir(resume_dir) if f.startswith("batch_"))
+  assert batches == ["batch_00000.npy", "batch_00001.npy", "batch_00002.npy"]
+  # A job killed after two batches: the saved ones are read back, not sampled again
+  # (a marked batch stays marked), and the missing one is sampled as before.
+  os.remove(os.path.join(resume_dir, "batch_00002.npy"))
+  marked = np.load(os.path.join(resume_dir, "batch_00000.npy"))
+  marked[0] = 7
+  np.save(os.path.join(resume_dir, "batch_00000.npy"), marked)
+  resumed = generate(resume_dir)
+  np.testing.assert_array_equal(resumed[0], np.full_like(plain[0], 7))
+  np.testing.assert_array_equal(resumed[1:], plain[1:])
+  # Batches of another job are never mixed in.
+  for other in (dict(seed=4), dict(settings=sampling.SamplerSettings("ddim", num_steps=3))):
+    with pytest.raises(ValueError, match="another sampling job"):
+      generate(resume_dir, **other)
+
+
 def run_sample(workdir, out, **overrides):
   kwargs = dict(num_samples=12, sampler="ddim", steps=3, guidance=2.0, batch_size=8,
                 grid_per_class=3)
