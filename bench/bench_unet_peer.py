@@ -16,11 +16,19 @@ FLOPs per step come from each framework's own count (XLA's cost analysis,
 torch's FlopCounterMode); the machine's matmul rate is measured here with a
 jitted float32 (or `--dtype`) 2048^3 matmul. `--peak-tflops` (default: known
 accelerators' dense bf16 peak) gives the MFU.
+
+`--without=groupnorm,attention,dropout` also times, in the same rounds, each
+model with that component replaced by the identity in both frameworks (every
+GroupNorm, every attention block, every dropout), so each component's cost
+per step in each framework is the difference to the full step:
+
+  JAX_PLATFORMS=cpu python bench/bench_unet_peer.py --rounds=4 --without=groupnorm,attention
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,7 +43,10 @@ import optax
 from flax import nnx
 
 from ldm_jax import diffusion, models, train_state
+from ldm_jax.models import layers
 from ldm_jax.models.layers import num_groups_for
+
+COMPONENTS = ("groupnorm", "attention", "dropout")
 
 # Dense bf16 peak of accelerators the device check may meet, in TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
@@ -62,7 +73,38 @@ def matmul_rate(dtype: str, size: int = 2048, repeats: int = 5) -> float:
   return 2 * size ** 3 / best / 1e9
 
 
-def jax_step(batch_size: int, dtype: str, channels: int = 128, seed: int = 0):
+@contextlib.contextmanager
+def jax_without(component: str | None):
+  """Our layers with `component` replaced by the identity while a step is traced."""
+  targets = {"groupnorm": (nnx.GroupNorm, lambda self, x, *a, **k: x),
+             "attention": (layers.AttentionBlock, lambda self, x, *a, **k: x),
+             "dropout": (nnx.Dropout, lambda self, x, *a, **k: x)}
+  if component is None:
+    yield
+    return
+  cls, identity = targets[component]
+  original = cls.__call__
+  cls.__call__ = identity
+  try:
+    yield
+  finally:
+    cls.__call__ = original
+
+
+def torch_without(model, component: str | None) -> None:
+  """The peer with `component` replaced by the identity, module by module."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers.models.attention_processor import Attention  # pylint: disable=g-import-not-at-top
+  kinds = {"groupnorm": torch.nn.GroupNorm, "attention": Attention, "dropout": torch.nn.Dropout}
+  if component is None:
+    return
+  for module in model.modules():
+    if isinstance(module, kinds[component]):
+      module.forward = lambda hidden_states, *a, **k: hidden_states
+
+
+def jax_step(batch_size: int, dtype: str, channels: int = 128, seed: int = 0,
+             without: str | None = None):
   """(compiled step, state, batch, FLOPs per step) of our UNet."""
   def build():
     return models.UNet(latent_shape=(16, 16, 4), num_classes=100, channels=channels,
@@ -88,13 +130,15 @@ def jax_step(batch_size: int, dtype: str, channels: int = 128, seed: int = 0):
   rng = np.random.default_rng(seed)
   batch = dict(latent=jnp.asarray(rng.standard_normal((batch_size, 16, 16, 4), np.float32)),
                label=jnp.asarray(rng.integers(0, 100, batch_size), jnp.int32))
-  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  with jax_without(without):
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return compiled, state, batch, float(cost.get("flops", float("nan")))
 
 
-def torch_step(batch_size: int, channels: int = 128, seed: int = 0):
+def torch_step(batch_size: int, channels: int = 128, seed: int = 0,
+               without: str | None = None):
   """(step function, FLOPs per step) of the diffusers UNet2DModel peer."""
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
@@ -107,6 +151,7 @@ def torch_step(batch_size: int, channels: int = 128, seed: int = 0):
       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
       attention_head_dim=channels // 2, num_class_embeds=101, dropout=0.1,
       norm_num_groups=num_groups_for(channels)).train()
+  torch_without(model, without)
   optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
   betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
   alphas_cumprod = torch.cumprod(1 - betas, 0).float()
@@ -144,9 +189,15 @@ def main() -> None:
                       help="bf16 peak for the MFU (default: known accelerators)")
   parser.add_argument("--unet-channels", type=int, default=128,
                       help="smaller for a quick smoke run of this script")
+  parser.add_argument("--without", type=lambda text: [c for c in text.split(",") if c],
+                      default=[], help="comma-separated components among "
+                      f"{', '.join(COMPONENTS)}: also time both models without each")
   parser.add_argument("--json", default=None,
                       help="append the numbers as one JSON line here")
   args = parser.parse_args()
+  unknown = sorted(set(args.without) - set(COMPONENTS))
+  if unknown:
+    parser.error(f"--without: unknown {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
 
   device = jax.devices()[0]
   start = time.perf_counter()
@@ -166,22 +217,39 @@ def main() -> None:
   rate = matmul_rate(args.dtype)
   print(f"machine matmul rate ({args.dtype}, jitted 2048^3): {rate:.0f} GFLOP/s")
 
-  state, metrics = compiled(state, batch)  # Warm-up.
-  jax.block_until_ready(metrics)
-  if peer is not None:
-    peer()
-  rates = {"ldm-jax": [], "diffusers": []}
-  for _ in range(args.rounds):
-    begin = time.perf_counter()
-    for _ in range(args.steps):
-      state, metrics = compiled(state, batch)
+  # The full models first, then one pair per --without component; every round
+  # times all of them, so that the differences see the same machine load.
+  variants = {None: dict(jax=[compiled, state, batch], peer=peer)}
+  for component in args.without:
+    variants[component] = dict(
+        jax=list(jax_step(args.batch_size, args.dtype, args.unet_channels,
+                          without=component)[:3]),
+        peer=None if args.no_torch else torch_step(args.batch_size, args.unet_channels,
+                                                   without=component)[0])
+  seconds = {(component, name): [] for component in variants
+             for name in ("ldm-jax", "diffusers")}
+  for variant in variants.values():  # Warm-up.
+    step, state, batch = variant["jax"]
+    variant["jax"][1], metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    rates["ldm-jax"].append(args.steps * args.batch_size / (time.perf_counter() - begin))
-    if peer is not None:
+    if variant["peer"] is not None:
+      variant["peer"]()
+  for _ in range(args.rounds):
+    for component, variant in variants.items():
+      step, state, batch = variant["jax"]
       begin = time.perf_counter()
       for _ in range(args.steps):
-        peer()
-      rates["diffusers"].append(args.steps * args.batch_size / (time.perf_counter() - begin))
+        state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      variant["jax"][1] = state
+      seconds[component, "ldm-jax"].append((time.perf_counter() - begin) / args.steps)
+      if variant["peer"] is not None:
+        begin = time.perf_counter()
+        for _ in range(args.steps):
+          variant["peer"]()
+        seconds[component, "diffusers"].append((time.perf_counter() - begin) / args.steps)
+  rates = {name: [args.batch_size / s for s in seconds[None, name]]
+           for name in ("ldm-jax", "diffusers")}
 
   peak = args.peak_tflops or peak_tflops(device.device_kind)
   flops = {"ldm-jax": jax_flops, "diffusers": peer and torch_flops}
@@ -210,6 +278,19 @@ def main() -> None:
     ratios = [a / b for a, b in zip(rates["ldm-jax"], rates["diffusers"])]
     print(f"ldm-jax / diffusers: {max(rates['ldm-jax']) / max(rates['diffusers']):.2f}x "
           f"(best vs best); per round {', '.join(f'{r:.2f}' for r in ratios)}")
+  if args.without:
+    print("\ncost of each component per step (median of the full step minus median "
+          "without it; s/step)")
+    print(f"{'without':10s} {'ldm-jax':>8s} {'cost':>6s} {'diffusers':>9s} {'cost':>6s}")
+    full = {name: np.median(seconds[None, name]) if seconds[None, name] else np.nan
+            for name in ("ldm-jax", "diffusers")}
+    for component in [None] + list(args.without):
+      line = f"{component or '(nothing)':10s}"
+      for name in ("ldm-jax", "diffusers"):
+        median = np.median(seconds[component, name]) if seconds[component, name] else np.nan
+        cost = "" if component is None else f"{full[name] - median:6.2f}"
+        line += f" {median:8.2f} {cost:>6s}" if name == "ldm-jax" else f" {median:9.2f} {cost:>6s}"
+      print(line)
 
 
 if __name__ == "__main__":
