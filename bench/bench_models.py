@@ -4,8 +4,11 @@ Prints jitted steps/s (after warm-up) at batch 64 for the default VAE
 (channels=64, multipliers (1, 2), 2 res blocks, 16x16x4 latent), the default
 UNet on 16x16x4 latents and the default MLP denoiser on 128-d latents, and
 compares nearest-resize+conv with ConvTranspose for one 2x upsampling layer.
+`groupnorm` times GroupNorm + SiLU forward and backward (from a given output
+gradient, no loss) at the models' shapes, and torch's when it is installed.
 
   PYTHONPATH=. python bench/bench_models.py [--batch 64] [--steps 5] [--only vae,unet,...]
+  python bench/bench_models.py --only groupnorm --steps 10
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)
 
 from ldm_jax.models import (
     VAE, MLPDenoiser, UNet, gaussian_kl, reconstruction_loss)
-from ldm_jax.models.layers import Upsample
+from ldm_jax.models.layers import Upsample, group_norm
 
 
 def _steps_per_second(step: Callable, args: tuple, steps: int) -> float:
@@ -97,6 +100,57 @@ def bench_upsampling(batch: int, steps: int, channels: int = 128,
   return tuple(results)
 
 
+def _best_ms(step: Callable, args: tuple, steps: int) -> float:
+  jax.block_until_ready(step(*args))
+  best = float("inf")
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(step(*args))
+    best = min(best, time.perf_counter() - start)
+  return best * 1e3
+
+
+def bench_groupnorm(batch: int, steps: int,
+                    shapes=((16, 128), (8, 256), (16, 384), (32, 64), (32, 128))):
+  """Best ms of GroupNorm(32) + SiLU forward and backward, ours (nnx.GroupNorm) and torch's."""
+  rows = []
+  for size, channels in shapes:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, size, size, channels)).astype(np.float32)
+    grad = rng.standard_normal(x.shape).astype(np.float32)
+    graphdef, params = nnx.split(group_norm(channels, rngs=nnx.Rngs(0)))
+
+    def forward_backward(params, x, grad):
+      # Gradients for the input and the parameters from a given output gradient:
+      # no loss, whose own reduction would be timed too.
+      forward = lambda params, x: jax.nn.silu(nnx.merge(graphdef, params)(x))
+      return jax.vjp(forward, params, x)[1](grad)
+
+    times = {"jax": _best_ms(jax.jit(forward_backward),
+                             (params, jnp.asarray(x), jnp.asarray(grad)), steps)}
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      times["torch"] = float("nan")
+    else:
+      norm = torch.nn.GroupNorm(32, channels, eps=1e-6)
+      xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+      gt = torch.from_numpy(grad).permute(0, 3, 1, 2).contiguous()
+
+      def torch_step():
+        torch.nn.functional.silu(norm(xt)).backward(gt)
+
+      torch_step()
+      best = float("inf")
+      for _ in range(steps):
+        start = time.perf_counter()
+        torch_step()
+        best = min(best, time.perf_counter() - start)
+      times["torch"] = best * 1e3
+    rows.append(((batch, size, size, channels), times))
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=64)
@@ -116,6 +170,11 @@ def main() -> None:
     rate = _bench_denoiser(MLPDenoiser(rngs=nnx.Rngs(0)), args.batch,
                            args.steps)
     print(f"MLPDenoiser (default, 128): {rate:.2f} steps/s", flush=True)
+  if "groupnorm" in wanted:
+    print("GroupNorm(32) + SiLU, forward and backward, best ms:")
+    for shape, times in bench_groupnorm(args.batch, args.steps):
+      print(f"  {'x'.join(map(str, shape)):14s} jax {times['jax']:6.1f}  "
+            f"torch {times['torch']:6.1f}  ({times['torch'] / times['jax']:.2f}x)", flush=True)
   if "upsample" in wanted:
     nearest, transpose = bench_upsampling(args.batch, args.steps)
     print(f"2x upsample 16->32, 128ch: nearest+conv3x3 {nearest:.2f} steps/s, "
