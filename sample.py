@@ -13,6 +13,10 @@ Writes, under --out:
   grid_samples.png     one row per class shown, its name at the left
   comparison.png       test images (top) above their VAE reconstructions
   samples.npz          images (uint8 NHWC) and labels, the input of python -m ldm_jax.fid
+
+Finished batches wait in --out/batches/ until the end: a run that is stopped
+while sampling continues from them when it is started again with the same
+--out and settings (settings that differ are refused).
 """
 
 from __future__ import annotations

@@ -172,9 +172,10 @@ def _is_primary() -> bool:
 
 
 def _sample(config, workdir: str, out: str) -> None:
-  """Writes W/samples; a rerun after a crash starts the samples again."""
+  """Writes W/samples; a rerun after a crash continues from the batches
+  already sampled (one process) or starts the samples again."""
   partial = out + ".partial"
-  if _is_primary():
+  if _is_primary() and not os.path.isdir(os.path.join(partial, sample_job.BATCHES)):
     shutil.rmtree(partial, ignore_errors=True)
   settings = config.sample
   # Passed in full: a stage trained before its config carried the sampler

@@ -6,17 +6,24 @@ writes the very same files:
   grid_samples.png     one row per class shown, its name at the left
   comparison.png       test images (top) above their VAE reconstructions
   samples.npz          images (uint8 NHWC) and labels, the input of python -m ldm_jax.fid
+
+A job that is stopped while sampling continues from its finished batches
+when it is run again with the same output folder (one process).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
 
 OUTPUTS = ("generated_samples", "grid_samples.png", "comparison.png", "samples.npz")
+# While sampling, finished batches wait here, so that a killed job rerun with
+# the same --out continues; removed once OUTPUTS are written.
+BATCHES = "batches"
 NO_CLIP = 0.0  # clip_x0 that turns clipping off even where the run's sampler clips.
 
 
@@ -41,6 +48,8 @@ def parse_classes(values: Sequence[str] | None, names: Sequence[str]) -> list[in
 
 
 def check_out_dir(out: str) -> None:
+  if os.path.isdir(os.path.join(out, BATCHES)):
+    return  # A stopped job's folder: it is continued, its partial outputs rewritten.
   clash = [name for name in OUTPUTS if os.path.exists(os.path.join(out, name))]
   if clash:
     raise FileExistsError(f"{out} already holds {', '.join(clash)}; "
@@ -87,9 +96,13 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
   params = state.eval_params() if use_ema else state.params
 
   labels = np.asarray(class_ids, np.int32)[np.arange(num_samples) % len(class_ids)]
+  resume_dir = None
+  if jax.process_count() == 1:
+    # The path names the weights; generate() checks everything else.
+    resume_dir = os.path.join(out, BATCHES, f"step{int(state.step)}-{'ema' if use_ema else 'params'}")
   generated = sampling.generate(stage.decoder(graphdef), settings, params, state.rest,
                                 state.frozen, labels, seed=seed, batch_size=batch_size,
-                                mesh=mesh, progress=True)
+                                mesh=mesh, progress=True, resume_dir=resume_dir)
 
   samples_dir = os.path.join(out, "generated_samples")
   os.makedirs(samples_dir, exist_ok=True)
@@ -111,6 +124,8 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
   images.save_png(os.path.join(out, "comparison.png"), images.comparison(
       images.to_uint8(originals), images.to_uint8(np.asarray(reconstructions))))
   np.savez(os.path.join(out, "samples.npz"), images=generated, labels=labels)
+  if resume_dir is not None:
+    shutil.rmtree(os.path.join(out, BATCHES))
 
   result = {"num_samples": len(generated), "sampler": dataclasses.asdict(settings)}
   if fid:

@@ -116,10 +116,14 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
   thousands of images on a CPU takes hours) can be stopped and continued.
   The directory records the settings, seed, batch size and labels, and a
   call with others is refused; which weights made the batches is the
-  caller's to encode in the path.
+  caller's to encode in the path. Single-process only.
   """
   labels = np.asarray(labels, dtype=np.int32)
   parallel.check_batch_size(batch_size, mesh)
+  if resume_dir is not None and jax.process_count() > 1:
+    # Every process must take the same sample-or-load decision for each
+    # batch, and a saved batch is visible only where its filesystem is.
+    raise ValueError("resume_dir works in a single process only")
   if resume_dir is not None:
     _claim_resume_dir(resume_dir, settings, labels, seed=seed, batch_size=batch_size)
   sharding = parallel.batch_sharding(mesh)
@@ -140,7 +144,7 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
     x = _sample_batch(decoder, settings, params, rest, frozen,
                       jax.device_put(padded, sharding), jax.random.fold_in(key, index))
     out.append(images.to_uint8(parallel.gather_to_host(x))[:len(chunk)])
-    if saved is not None and jax.process_index() == 0:
+    if saved is not None:
       _save_atomically(saved, out[-1])
   return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
@@ -159,11 +163,10 @@ def _claim_resume_dir(resume_dir: str, settings: SamplerSettings, labels: np.nda
       raise ValueError(f"{resume_dir} holds batches of another sampling job ({found}); "
                        f"this one is {manifest}. Use a new directory.")
     return
-  if jax.process_index() == 0:
-    os.makedirs(resume_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
+  os.makedirs(resume_dir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 def _save_atomically(path: str, array: np.ndarray) -> None:

@@ -141,6 +141,39 @@ def run_sample(workdir, out, **overrides):
   return sample.run(workdir, str(out), **kwargs)
 
 
+def test_sample_py_stopped_while_sampling_continues_from_its_batches(
+    ldm_workdir, tmp_path, monkeypatch):
+  uninterrupted = tmp_path / "uninterrupted"
+  run_sample(ldm_workdir, uninterrupted)
+  calls = []
+  real_sample_batch = sampling._sample_batch
+
+  def sample_batch(*args):
+    calls.append(1)
+    if stop_at_call[0] == len(calls):
+      raise KeyboardInterrupt  # The job is stopped while its second batch samples.
+    return real_sample_batch(*args)
+
+  monkeypatch.setattr(sampling, "_sample_batch", sample_batch)
+  out = tmp_path / "out"
+  stop_at_call = [2]
+  with pytest.raises(KeyboardInterrupt):
+    run_sample(ldm_workdir, out)
+  assert not (out / "samples.npz").exists()
+  kept = list((out / "batches").rglob("batch_*.npy"))
+  assert [p.name for p in kept] == ["batch_00000.npy"]
+  calls.clear()
+  stop_at_call = [0]
+  run_sample(ldm_workdir, out)  # The same --out: continues.
+  assert len(calls) == 1  # Only the batch that was missing is sampled.
+  assert not (out / "batches").exists()
+  for key in ("images", "labels"):
+    np.testing.assert_array_equal(np.load(out / "samples.npz")[key],
+                                  np.load(uninterrupted / "samples.npz")[key])
+  with pytest.raises(FileExistsError):  # Finished: the folder is not reused.
+    run_sample(ldm_workdir, out)
+
+
 def test_sample_py_writes_all_outputs(ldm_workdir, tmp_path):
   out = tmp_path / "out"
   result = run_sample(ldm_workdir, out, classes=["1", "class_02"])
