@@ -20,7 +20,9 @@ accelerators' dense bf16 peak) gives the MFU.
 `--without=groupnorm,attention,dropout` also times, in the same rounds, each
 model with that component replaced by the identity in both frameworks (every
 GroupNorm, every attention block, every dropout), so each component's cost
-per step in each framework is the difference to the full step:
+per step in each framework is the difference to the full step.
+`attention_mlp` builds our UNet with attention_mlp_ratio=0 (the peer's
+attention has no MLP, so it runs whole):
 
   JAX_PLATFORMS=cpu python bench/bench_unet_peer.py --rounds=4 --without=groupnorm,attention
 """
@@ -46,7 +48,9 @@ from ldm_jax import diffusion, models, train_state
 from ldm_jax.models import layers
 from ldm_jax.models.layers import num_groups_for
 
-COMPONENTS = ("groupnorm", "attention", "dropout")
+# "attention_mlp": the GELU MLP of our attention blocks (attention_mlp_ratio=0);
+# the peer's attention has none, so its model stays whole.
+COMPONENTS = ("groupnorm", "attention", "dropout", "attention_mlp")
 
 # Dense bf16 peak of accelerators the device check may meet, in TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
@@ -79,7 +83,7 @@ def jax_without(component: str | None):
   targets = {"groupnorm": (nnx.GroupNorm, lambda self, x, *a, **k: x),
              "attention": (layers.AttentionBlock, lambda self, x, *a, **k: x),
              "dropout": (nnx.Dropout, lambda self, x, *a, **k: x)}
-  if component is None:
+  if component not in targets:  # None, or a component removed when the model is built.
     yield
     return
   cls, identity = targets[component]
@@ -96,7 +100,7 @@ def torch_without(model, component: str | None) -> None:
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers.models.attention_processor import Attention  # pylint: disable=g-import-not-at-top
   kinds = {"groupnorm": torch.nn.GroupNorm, "attention": Attention, "dropout": torch.nn.Dropout}
-  if component is None:
+  if component not in kinds:
     return
   for module in model.modules():
     if isinstance(module, kinds[component]):
@@ -111,6 +115,7 @@ def jax_step(batch_size: int, dtype: str, channels: int = 128, seed: int = 0,
                        channel_multipliers=(1, 2, 2), num_res_blocks=2,
                        attention_levels=(1, 2), num_heads=4, context_dim=256,
                        context_tokens=4, dropout=0.1, dtype=dtype,
+                       attention_mlp_ratio=0 if without == "attention_mlp" else 4,
                        rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
   schedule = diffusion.make_schedule("linear", 1000)

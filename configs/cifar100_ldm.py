@@ -64,6 +64,9 @@ def get_config():
       num_heads=4,
       context_dim=256,
       context_tokens=4,  # The class embedding is split into this many cross-attention tokens.
+      # Width of the GELU MLP in each attention block, in channels (0: no MLP).
+      # It holds over half of an attention block's FLOPs (bench/README.md).
+      attention_mlp_ratio=4,
       dropout=0.1,
   )
 

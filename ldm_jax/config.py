@@ -93,6 +93,11 @@ def shrink_for_smoke_runs(config: ml_collections.ConfigDict) -> ml_collections.C
   return config
 
 
+# Keys added after runs were saved, with the value those runs used (the
+# code's default then), so that such runs still resume.
+ADDED_KEYS = {"unet.attention_mlp_ratio": 4}
+
+
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
   """{'train.batch_size': 128, ...}: the leaves of a nested config."""
   items = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
@@ -121,7 +126,8 @@ def incompatible_keys(saved: dict[str, Any], new: ml_collections.ConfigDict,
 
   keys = sorted(set(old_flat) | set(new_flat))
   return [k for k in keys
-          if not may_change(k) and old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>")]
+          if not may_change(k)
+          and old_flat.get(k, ADDED_KEYS.get(k, "<absent>")) != new_flat.get(k, "<absent>")]
 
 
 def check_resumable(saved: dict[str, Any], new: ml_collections.ConfigDict, where: str) -> None:

@@ -353,10 +353,28 @@ def test_make_denoiser():
     (dict(num_heads=3), "num_heads"),
     (dict(dropout=1.0), "dropout"),
     (dict(num_classes=0), "num_classes"),
+    (dict(attention_mlp_ratio=-1), "attention_mlp_ratio"),
 ])
 def test_unet_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     UNet(**{**UNET, **kwargs}, rngs=_rngs())
+
+
+def test_unet_attention_blocks_without_their_mlp():
+  def count(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+  default, lean = UNet(**UNET, rngs=_rngs()), UNet(**UNET, attention_mlp_ratio=0, rngs=_rngs())
+  assert default.mid_attn.mlp_in is not None and lean.mid_attn.mlp_in is None
+  width = UNET["channels"] * UNET["channel_multipliers"][-1]
+  # Each attention block (one per res block at level 1, three there in all, and
+  # the middle one) loses its 4x MLP: two weights and two biases.
+  per_block = 2 * 4 * width * width + 4 * width + width + width * 2  # + its LayerNorm
+  assert count(default) - count(lean) == 4 * per_block
+  z, t, labels = _denoiser_inputs(UNET["latent_shape"])
+  lean.eval()
+  out = lean(z, t, labels)
+  assert out.shape == z.shape and np.isfinite(np.asarray(out)).all()
 
 
 @pytest.mark.parametrize("kwargs, match", [

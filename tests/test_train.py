@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import PreemptedAfter, vae_config
+from conftest import PreemptedAfter, ldm_config, vae_config
 from ldm_jax import checkpoint, config as config_lib, data, parallel, runs, train_loop, train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +150,16 @@ def test_run_length_and_logging_changes_are_compatible(tiny_data_dir):
   assert config_lib.incompatible_keys(saved, config) == []
   config.optim.weight_decay = 0.1
   assert config_lib.incompatible_keys(saved, config) == ["optim.weight_decay"]
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_the_value_it_used(tiny_data_dir):
+  config = ldm_config(tiny_data_dir, "runs/vae")  # Only compared, never opened.
+  saved = config_lib.to_json(config)
+  del saved["unet"]["attention_mlp_ratio"]  # As written before the key existed.
+  assert config.unet.attention_mlp_ratio == 4
+  assert config_lib.incompatible_keys(saved, config) == []
+  config.unet.attention_mlp_ratio = 0
+  assert config_lib.incompatible_keys(saved, config) == ["unet.attention_mlp_ratio"]
 
 
 def copy_run(workdir, tmp_path):

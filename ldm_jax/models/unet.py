@@ -61,6 +61,7 @@ class UNet(nnx.Module):
       num_heads: int = 4,
       context_dim: int = 256,
       context_tokens: int = 4,
+      attention_mlp_ratio: int = 4,
       dropout: float = 0.1,
       dtype: str | jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
@@ -91,6 +92,8 @@ class UNet(nnx.Module):
                         ("context_tokens", context_tokens)):
       if value < 1:
         raise ValueError(f"{name} must be positive, got {value}")
+    if attention_mlp_ratio < 0:
+      raise ValueError(f"attention_mlp_ratio must be >= 0 (0: no MLP), got {attention_mlp_ratio}")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     widths = [channels * m for m in channel_multipliers]
@@ -121,8 +124,8 @@ class UNet(nnx.Module):
 
     def attn(width):
       return AttentionBlock(
-          width, num_heads=num_heads, context_dim=context_dim, dtype=dtype,
-          rngs=rngs)
+          width, num_heads=num_heads, context_dim=context_dim,
+          mlp_ratio=attention_mlp_ratio, dtype=dtype, rngs=rngs)
 
     self.conv_in = nnx.Conv(latent_shape[-1], widths[0], (3, 3), dtype=dtype,
                             rngs=rngs)
