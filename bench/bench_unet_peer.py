@@ -286,11 +286,11 @@ def main() -> None:
   if args.without:
     print("\ncost of each component per step (median of the full step minus median "
           "without it; s/step)")
-    print(f"{'without':10s} {'ldm-jax':>8s} {'cost':>6s} {'diffusers':>9s} {'cost':>6s}")
+    print(f"{'without':14s} {'ldm-jax':>8s} {'cost':>6s} {'diffusers':>9s} {'cost':>6s}")
     full = {name: np.median(seconds[None, name]) if seconds[None, name] else np.nan
             for name in ("ldm-jax", "diffusers")}
     for component in [None] + list(args.without):
-      line = f"{component or '(nothing)':10s}"
+      line = f"{component or '(nothing)':14s}"
       for name in ("ldm-jax", "diffusers"):
         median = np.median(seconds[component, name]) if seconds[component, name] else np.nan
         cost = "" if component is None else f"{full[name] - median:6.2f}"
