@@ -101,6 +101,7 @@ def bench_upsampling(batch: int, steps: int, channels: int = 128,
 
 
 def _best_ms(step: Callable, args: tuple, steps: int) -> float:
+  """Best wall time of `step(*args)` in ms, after one warm-up call (JAX or torch)."""
   jax.block_until_ready(step(*args))
   best = float("inf")
   for _ in range(steps):
@@ -140,13 +141,7 @@ def bench_groupnorm(batch: int, steps: int,
       def torch_step():
         torch.nn.functional.silu(norm(xt)).backward(gt)
 
-      torch_step()
-      best = float("inf")
-      for _ in range(steps):
-        start = time.perf_counter()
-        torch_step()
-        best = min(best, time.perf_counter() - start)
-      times["torch"] = best * 1e3
+      times["torch"] = _best_ms(torch_step, (), steps)
     rows.append(((batch, size, size, channels), times))
   return rows
 

@@ -17,7 +17,6 @@ a stopped sweep continues where it was (ddpm-1000 at 2,000 images takes about
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import time
@@ -78,7 +77,7 @@ def main(argv):
     if _RESUME_DIR.value:
       # The weights are part of what made the batches: the path names the run and step.
       resume_dir = os.path.join(_RESUME_DIR.value, f"{text.replace('/', '_')}-ema{int(_EMA.value)}-step{step}")
-      done = len(glob.glob(os.path.join(resume_dir, "batch_*.npy")))
+      done = sampling.count_saved_batches(resume_dir)
     else:
       done = 0
     if _WARMUP.value:  # Compile (and warm) on one batch, then time the whole set.

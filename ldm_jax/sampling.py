@@ -120,11 +120,11 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
   """
   labels = np.asarray(labels, dtype=np.int32)
   parallel.check_batch_size(batch_size, mesh)
-  if resume_dir is not None and jax.process_count() > 1:
-    # Every process must take the same sample-or-load decision for each
-    # batch, and a saved batch is visible only where its filesystem is.
-    raise ValueError("resume_dir works in a single process only")
   if resume_dir is not None:
+    if jax.process_count() > 1:
+      # Every process must take the same sample-or-load decision for each
+      # batch, and a saved batch is visible only where its filesystem is.
+      raise ValueError("resume_dir works in a single process only")
     _claim_resume_dir(resume_dir, settings, labels, seed=seed, batch_size=batch_size)
   sharding = parallel.batch_sharding(mesh)
   key = jax.random.PRNGKey(seed)
@@ -136,7 +136,7 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
   for index, start in enumerate(tqdm(starts, desc=f"sampling ({settings.sampler})",
                                      disable=not progress, unit="batch")):
     chunk = labels[start:start + batch_size]
-    saved = None if resume_dir is None else os.path.join(resume_dir, f"batch_{index:05d}.npy")
+    saved = None if resume_dir is None else _batch_path(resume_dir, index)
     if saved is not None and os.path.exists(saved):
       out.append(np.load(saved))
       continue
@@ -145,7 +145,7 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
                       jax.device_put(padded, sharding), jax.random.fold_in(key, index))
     out.append(images.to_uint8(parallel.gather_to_host(x))[:len(chunk)])
     if saved is not None:
-      _save_atomically(saved, out[-1])
+      _write_atomically(saved, lambda f: np.save(f, out[-1]))
   return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
 
@@ -164,15 +164,25 @@ def _claim_resume_dir(resume_dir: str, settings: SamplerSettings, labels: np.nda
                        f"this one is {manifest}. Use a new directory.")
     return
   os.makedirs(resume_dir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(path + ".tmp", path)
+  _write_atomically(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
-def _save_atomically(path: str, array: np.ndarray) -> None:
-  # A batch file is either whole or absent, even if the job is killed mid-write.
+def _batch_path(resume_dir: str, index: int) -> str:
+  return os.path.join(resume_dir, f"batch_{index:05d}.npy")
+
+
+def count_saved_batches(resume_dir: str) -> int:
+  """How many leading batches a resume_dir already holds."""
+  count = 0
+  while os.path.exists(_batch_path(resume_dir, count)):
+    count += 1
+  return count
+
+
+def _write_atomically(path: str, write) -> None:
+  # A file is either whole or absent, even if the job is killed mid-write.
   with open(path + ".tmp", "wb") as f:
-    np.save(f, array)
+    write(f)
   os.replace(path + ".tmp", path)
 
 
