@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm_jax import files
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """Images in [-1, 1] to uint8 in [0, 255], rounding to the nearest level."""
@@ -76,8 +78,5 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes atomically: a reader never sees a half-written picture."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  partial = path + ".partial.png"
-  Image.fromarray(_rgb(np.asarray(image, dtype=np.uint8))).save(partial)
-  os.replace(partial, path)
+  with files.atomic_write(path, "wb") as f:
+    Image.fromarray(_rgb(np.asarray(image, dtype=np.uint8))).save(f, format="PNG")

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from ldm_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -105,12 +107,8 @@ def drop_records_after(path: str, step: int) -> None:
   kept = [json.dumps(r) + "\n" for r in read_records(path) if r["step"] <= step]
   if kept == lines:
     return
-  partial = path + ".partial"
-  with open(partial, "w") as f:
+  with files.atomic_write(path) as f:
     f.writelines(kept)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(partial, path)
 
 
 class _EventFile:

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ldm_jax import checkpoint, data, parallel, runs, sample_job, sampling, train_loop
+from ldm_jax import checkpoint, data, files, parallel, runs, sample_job, sampling, train_loop
 
 STAGE_KEYS = (("vae", "vae_stage"), ("ldm", "ldm_stage"))
 RESULTS = "results.json"
@@ -161,9 +161,8 @@ class _Results:
     self.values["seconds"]["total"] = sum(
         v for k, v in self.values["seconds"].items() if k != "total")
     if _is_primary():
-      with open(self.path + ".partial", "w") as f:
+      with files.atomic_write(self.path) as f:
         json.dump(self.values, f, indent=2, sort_keys=True)
-      os.replace(self.path + ".partial", self.path)
 
 
 def _is_primary() -> bool:

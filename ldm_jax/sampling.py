@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from ldm_jax import diffusion, images, parallel
+from ldm_jax import diffusion, files, images, parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,8 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
                       jax.device_put(padded, sharding), jax.random.fold_in(key, index))
     out.append(images.to_uint8(parallel.gather_to_host(x))[:len(chunk)])
     if saved is not None:
-      _write_atomically(saved, lambda f: np.save(f, out[-1]))
+      with files.atomic_write(saved, "wb") as f:
+        np.save(f, out[-1])
   return np.concatenate(out) if out else np.zeros((0,), np.uint8)
 
 
@@ -164,7 +165,8 @@ def _claim_resume_dir(resume_dir: str, settings: SamplerSettings, labels: np.nda
                        f"this one is {manifest}. Use a new directory.")
     return
   os.makedirs(resume_dir, exist_ok=True)
-  _write_atomically(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+  with files.atomic_write(path) as f:
+    json.dump(manifest, f, indent=1)
 
 
 def _batch_path(resume_dir: str, index: int) -> str:
@@ -177,13 +179,6 @@ def count_saved_batches(resume_dir: str) -> int:
   while os.path.exists(_batch_path(resume_dir, count)):
     count += 1
   return count
-
-
-def _write_atomically(path: str, write) -> None:
-  # A file is either whole or absent, even if the job is killed mid-write.
-  with open(path + ".tmp", "wb") as f:
-    write(f)
-  os.replace(path + ".tmp", path)
 
 
 def balanced_labels(num_images: int, num_classes: int) -> np.ndarray:

@@ -31,7 +31,8 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from ldm_jax import checkpoint, config as config_lib, data, images, parallel, runs, train_state
+from ldm_jax import (checkpoint, config as config_lib, data, files, images, parallel, runs,
+                     train_state)
 from ldm_jax.metric_writer import MetricWriter
 
 
@@ -206,9 +207,8 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, "config.json")
-  with open(path + ".partial", "w") as f:
+  with files.atomic_write(path) as f:
     json.dump(config_lib.to_json(config), f, indent=2, sort_keys=True)
-  os.replace(path + ".partial", path)
 
 
 def _evaluate(config, mesh, eval_step, state) -> dict[str, float]:

@@ -8,12 +8,12 @@ difference of large traces.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
 import scipy.linalg
 
+from ldm_jax import files
 from ldm_jax.fid.inception import FEATURE_DIM
 
 # Below this many samples the covariance of 2048-d features is singular and
@@ -111,13 +111,10 @@ def fid_name(num_samples: int) -> str:
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray,
                     **metadata: Any) -> None:
   """Writes `mu`, `sigma` (and JSON metadata) to an .npz, atomically."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with files.atomic_write(path, "wb") as f:
     np.savez(f, mu=np.asarray(mu, np.float64),
              sigma=np.asarray(sigma, np.float64),
              metadata=np.array(json.dumps(metadata)))
-  os.replace(tmp, path)
 
 
 def load_statistics(path: str, dim: int = FEATURE_DIM

@@ -33,6 +33,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ldm_jax import files
+
 WEIGHTS_ENV = "LDM_JAX_FID_WEIGHTS"
 CACHE_ENV = "LDM_JAX_CACHE_DIR"
 WEIGHTS_FILENAME = "fid_inception-2015-12-05.npz"
@@ -586,11 +588,8 @@ def save_weights(params: Mapping[str, np.ndarray], meta: Mapping[str, Any],
                  path: str) -> None:
   """Writes our weights file atomically (a reader never sees half a file)."""
   meta = dict(meta, format=FORMAT, checksum=params_checksum(params))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with files.atomic_write(path, "wb") as f:
     np.savez(f, **{_META_KEY: np.array(json.dumps(meta))}, **params)
-  os.replace(tmp, path)
 
 
 def convert_weights(source: str | os.PathLike, out: str | None = None) -> str:
