@@ -121,10 +121,15 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict,
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  if not leaves:
-    return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  # One reduction over the concatenated leaves of each dtype, not one per
+  # leaf: a train state holds about a thousand leaves, and per-leaf
+  # reductions took 6.5 s to compile against 1.0 s (tiny LDM, XLA:CPU).
+  by_dtype = {}
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      by_dtype.setdefault(x.dtype, []).append(jnp.ravel(x))
+  return jnp.all(jnp.array([jnp.isfinite(jnp.concatenate(group)).all()
+                            for group in by_dtype.values()], dtype=bool))
 
 
 def _make_health_check(stage, graphdef: nnx.GraphDef, mesh):

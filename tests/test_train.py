@@ -185,6 +185,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(vae_workdir, tiny_data_di
     assert ckpt.latest_step() == 10
 
 
+def test_finiteness_check_sees_one_bad_value_in_any_leaf_and_dtype():
+  state = {"params": [jnp.ones((3, 2)), jnp.ones(4, jnp.bfloat16)], "step": jnp.array(7),
+           "count": np.arange(3)}
+  assert bool(train_loop._all_finite(state))
+  for path, bad in ((("params", 0), np.nan), (("params", 1), np.inf), (("params", 1), -np.inf)):
+    broken = jax.tree.map(lambda x: x, state)
+    leaf = broken[path[0]][path[1]]
+    broken[path[0]][path[1]] = leaf.at[-1].set(bad) if leaf.ndim == 1 else leaf.at[2, 1].set(bad)
+    assert not bool(train_loop._all_finite(broken)), (path, bad)
+  assert bool(train_loop._all_finite({"step": jnp.array(1)}))  # Nothing inexact to check.
+
+
 def test_sigterm_sets_the_preemption_flag():
   with train_loop._Preemption() as preemption:
     assert not preemption.requested
