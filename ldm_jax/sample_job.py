@@ -71,7 +71,7 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
   """
   import jax
   import ml_collections
-  from ldm_jax import data, images, parallel, runs, sampling
+  from ldm_jax import data, files, images, parallel, runs, sampling
 
   # Everything that can be wrong is checked before any sampling starts.
   if num_samples < 1:
@@ -123,7 +123,8 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
       jax.numpy.asarray(originals))
   images.save_png(os.path.join(out, "comparison.png"), images.comparison(
       images.to_uint8(originals), images.to_uint8(np.asarray(reconstructions))))
-  np.savez(os.path.join(out, "samples.npz"), images=generated, labels=labels)
+  with files.atomic_write(os.path.join(out, "samples.npz"), "wb") as f:
+    np.savez(f, images=generated, labels=labels)
   if resume_dir is not None:
     shutil.rmtree(os.path.join(out, BATCHES))
 

@@ -164,8 +164,7 @@ def _claim_resume_dir(resume_dir: str, settings: SamplerSettings, labels: np.nda
       raise ValueError(f"{resume_dir} holds batches of another sampling job ({found}); "
                        f"this one is {manifest}. Use a new directory.")
     return
-  os.makedirs(resume_dir, exist_ok=True)
-  with files.atomic_write(path) as f:
+  with files.atomic_write(path) as f:  # Creates resume_dir.
     json.dump(manifest, f, indent=1)
 
 
