@@ -22,7 +22,7 @@ def test_the_flag_is_added_to_other_flags(monkeypatch, jaxlib_version):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   ldm_jax._default_xla_cpu_flags()
   assert os.environ["XLA_FLAGS"].split() == [
-      "--xla_force_host_platform_device_count=8", FLAG + "="]
+      "--xla_force_host_platform_device_count=8", FLAG + "=reduce"]
   ldm_jax._default_xla_cpu_flags()  # Idempotent.
   assert os.environ["XLA_FLAGS"].count(FLAG) == 1
 
@@ -45,5 +45,5 @@ def test_other_jaxlib_versions_get_nothing(monkeypatch, jaxlib_version, version)
 
 def test_this_process_runs_with_the_flag():
   # conftest set the fake device count before ldm_jax was imported.
-  assert FLAG + "=" in os.environ["XLA_FLAGS"].split()
+  assert FLAG + "=reduce" in os.environ["XLA_FLAGS"].split()
   assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]
