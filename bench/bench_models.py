@@ -113,7 +113,7 @@ def _best_ms(step: Callable, args: tuple, steps: int) -> float:
 
 def bench_groupnorm(batch: int, steps: int,
                     shapes=((16, 128), (8, 256), (16, 384), (32, 64), (32, 128))):
-  """Best ms of GroupNorm(32) + SiLU forward and backward, ours (nnx.GroupNorm) and torch's."""
+  """Best ms of GroupNorm(32) + SiLU forward and backward, ours (layers.GroupNorm) and torch's."""
   rows = []
   for size, channels in shapes:
     rng = np.random.default_rng(0)

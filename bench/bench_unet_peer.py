@@ -80,7 +80,7 @@ def matmul_rate(dtype: str, size: int = 2048, repeats: int = 5) -> float:
 @contextlib.contextmanager
 def jax_without(component: str | None):
   """Our layers with `component` replaced by the identity while a step is traced."""
-  targets = {"groupnorm": (nnx.GroupNorm, lambda self, x, *a, **k: x),
+  targets = {"groupnorm": (layers.GroupNorm, lambda self, x, *a, **k: x),
              "attention": (layers.AttentionBlock, lambda self, x, *a, **k: x),
              "dropout": (nnx.Dropout, lambda self, x, *a, **k: x)}
   if component not in targets:  # None, or a component removed when the model is built.

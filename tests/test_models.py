@@ -21,7 +21,7 @@ from ldm_jax import parallel
 from ldm_jax.models import (
     DENOISERS, MLPDenoiser, UNet, VAE, gaussian_kl, make_denoiser, psnr,
     reconstruction_loss)
-from ldm_jax.models.layers import num_groups_for, timestep_embedding
+from ldm_jax.models.layers import GroupNorm, num_groups_for, timestep_embedding
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,6 +126,83 @@ def test_num_groups_for():
 
 
 # ------------------------------------------------------------ VAE losses
+
+
+def _group_norm_pair(channels, groups, dtype=jnp.float32):
+  """Ours and nnx.GroupNorm with the same random scale and bias."""
+  rng = np.random.default_rng(1)
+  scale = jnp.asarray(1 + 0.3 * rng.standard_normal(channels), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(channels), jnp.float32)
+  ours = GroupNorm(channels, num_groups=groups, dtype=dtype, rngs=nnx.Rngs(0))
+  reference = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6,
+                            dtype=dtype, rngs=nnx.Rngs(0))
+  for module in (ours, reference):
+    module.scale.value, module.bias.value = scale, bias
+  return ours, reference
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 4, 4, 8), 4), ((3, 5, 6), 2),
+                                           ((2, 4, 4, 6), 6)])
+def test_group_norm_matches_nnx_group_norm(shape, groups):
+  ours, reference = _group_norm_pair(shape[-1], groups)
+  # An offset larger than the spread: the fast variance must still hold.
+  x = jnp.asarray(3.0 + np.random.default_rng(2).standard_normal(shape), jnp.float32)
+  np.testing.assert_allclose(ours(x), reference(x), atol=2e-5)
+  cotangent = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
+
+  def grads(module):
+    graphdef, params = nnx.split(module)
+    loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params)(x) * cotangent)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  (ours_params, ours_x), (ref_params, ref_x) = grads(ours), grads(reference)
+  np.testing.assert_allclose(ours_x, ref_x, atol=5e-5)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(ours_params[name].value, ref_params[name].value,
+                               rtol=1e-5, atol=5e-5)
+
+
+def test_group_norm_keeps_nnx_parameters_and_initialisation_keys():
+  ours = GroupNorm(8, num_groups=4, rngs=nnx.Rngs(0))
+  reference = nnx.GroupNorm(8, num_groups=4, rngs=nnx.Rngs(0))
+  ours_state, ref_state = nnx.state(ours, nnx.Param), nnx.state(reference, nnx.Param)
+  assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
+  for a, b in zip(jax.tree.leaves(ours_state), jax.tree.leaves(ref_state)):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == jnp.float32
+  # Both draw the same number of parameter keys, so whatever is built after
+  # a GroupNorm is initialised exactly as it was with nnx.GroupNorm.
+  rngs_ours, rngs_ref = nnx.Rngs(5), nnx.Rngs(5)
+  GroupNorm(8, num_groups=4, rngs=rngs_ours)
+  nnx.GroupNorm(8, num_groups=4, rngs=rngs_ref)
+  np.testing.assert_array_equal(jax.random.key_data(rngs_ours.params()),
+                                jax.random.key_data(rngs_ref.params()))
+  with pytest.raises(ValueError, match="must divide"):
+    GroupNorm(6, num_groups=4, rngs=nnx.Rngs(0))
+
+
+def test_group_norm_folds_film_modulation():
+  ours, _ = _group_norm_pair(8, 4)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((2, 3, 3, 8)), jnp.float32)
+  scale, shift = (jnp.asarray(rng.standard_normal((2, 8)), jnp.float32)
+                  for _ in range(2))
+  expected = ours(x) * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+  np.testing.assert_allclose(ours(x, (scale, shift)), expected, atol=1e-5)
+
+
+def test_group_norm_statistics_stay_float32_under_bfloat16():
+  ours, reference = _group_norm_pair(8, 4, dtype=jnp.bfloat16)
+  # A large offset: bf16 statistics would lose the spread around it.
+  x = jnp.asarray(20.0 + np.random.default_rng(5).standard_normal((2, 4, 4, 8)),
+                  jnp.bfloat16)
+  out = ours(x)
+  assert out.dtype == jnp.bfloat16 and ours.scale.value.dtype == jnp.float32
+  exact, _ = _group_norm_pair(8, 4)
+  np.testing.assert_allclose(out.astype(jnp.float32), exact(x.astype(jnp.float32)),
+                             atol=0.05)
+  np.testing.assert_allclose(out.astype(jnp.float32),
+                             reference(x).astype(jnp.float32), atol=0.05)
 
 
 def test_gaussian_kl_standard_normal_is_zero():
