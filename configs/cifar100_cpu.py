@@ -9,7 +9,10 @@ the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
-  as committed (3,000 LDM steps; dpm_solver-10, w=10, x0 clip 3, EMA):
+  round 8, trained end to end at 43eabbf (runs/final6): FID-512 144.8,
+    FID-2k 110.1, VAE reconstruction FID-2k 67.6; whole job
+    48.9 min (VAE 6.7 + LDM 35.4 + samples 1.4 + FID 5.5).
+  round 7 (3,000 LDM steps; dpm_solver-10, w=10, x0 clip 3, EMA):
     FID-512 144.4, FID-2k 110.0, VAE reconstruction FID-2k 67.6; whole job
     54.7 min (VAE 8.1 + LDM 39.7 + samples 1.6 + FID 5.3; the two stages
     trained at 2f0688f, whose training recipe this is; sampled and scored
