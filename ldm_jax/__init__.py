@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # ran 1.84x and its UNet step 1.24x faster. XLA's own reductions, though, sum
 # the positions of an NHWC map one channel at a time, 10-25x slower than
 # YNNPACK's (bias, GroupNorm and FiLM gradients are such sums), so reductions
-# alone stay with YNNPACK: the issue-8 UNet step gains about 1.15x more
+# alone stay with YNNPACK: the issue-8 UNet step gains about 1.10x more
 # (bench/README.md, rounds 4 and 8). The flag only changes how XLA:CPU
 # compiles; it is set here, before any backend starts, for jaxlib 0.10 only
 # (an unknown flag in XLA_FLAGS aborts the process), and never over a

@@ -82,12 +82,12 @@ class GroupNorm(nnx.Module):
 
   def __init__(self, channels: int, *, num_groups: int, epsilon: float = 1e-6,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    # Ones and zeros need no randomness, but drawing the two keys that
-    # nnx.GroupNorm draws keeps every later layer's initialisation the same.
-    rngs.params(), rngs.params()
     if channels % num_groups:
       raise ValueError(
           f"num_groups ({num_groups}) must divide channels ({channels})")
+    # Ones and zeros need no randomness, but drawing the two keys that
+    # nnx.GroupNorm draws keeps every later layer's initialisation the same.
+    rngs.params(), rngs.params()
     self.num_groups = num_groups
     self.epsilon = epsilon
     self.dtype = dtype
