@@ -61,7 +61,8 @@ def get_config():
   # Learning rate ranked at 1,000 steps (equal cost, FID-512): 2e-3 scored
   # 160.6 against 172.7 for 1e-3; at this recipe's 3,000 steps, 139.5 against
   # 144.8 (FID-2k 102.2 against 110.1; docs/results.md, round 9). 4e-3 ranked
-  # better still (148.2 at 1,000 steps) but has not run the full budget yet.
+  # better still (148.2 at 1,000 steps) and 8e-3 too (144.4); neither has run
+  # the full budget yet.
   ldm.optim.update(learning_rate=2e-3, warmup_steps=100)
   ldm.eval.num_examples = 1_000
 
