@@ -36,6 +36,7 @@ RESUMABLE_KEYS = (
     "data.worker_count",
     "fid",
     "vae_checkpoint",
+    "ldm.cache_latents",  # The same stream and posterior samples either way.
 )
 
 

@@ -149,3 +149,38 @@ def gather_to_host(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def map_in_batches(fn: Any, inputs: np.ndarray, batch_size: int, mesh: Mesh,
+                   progress: Any = None) -> np.ndarray:
+  """`fn` over the rows of `inputs` in global batches split over `mesh`.
+
+  Every process passes the same full `inputs` and gets the full result back,
+  rows in the order of `inputs`. `batch_size` is rounded up to a multiple of
+  the device count; the last batch is padded and the padding dropped.
+  `progress`, if given, is called with the number of rows each batch finished.
+  """
+  num_devices = mesh.devices.size
+  batch_size = -(-batch_size // num_devices) * num_devices
+  local = batch_size // jax.process_count()
+  own_rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+  results, pending = [], None
+  for start in range(0, len(inputs), batch_size):
+    chunk = inputs[start:start + batch_size]
+    valid = len(chunk)
+    if valid < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - valid,) + chunk.shape[1:],
+                                              chunk.dtype)])
+    result = fn(shard_batch(mesh, chunk[own_rows]))
+    # Fetch the previous batch only after queueing this one, so the devices
+    # never wait for the host copy.
+    if pending is not None:
+      results.append(gather_to_host(pending[0])[:pending[1]])
+      if progress is not None:
+        progress(pending[1])
+    pending = (result, valid)
+  if pending is not None:
+    results.append(gather_to_host(pending[0])[:pending[1]])
+    if progress is not None:
+      progress(pending[1])
+  return np.concatenate(results)

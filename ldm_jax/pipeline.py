@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from ldm_jax import checkpoint, data, files, parallel, runs, sample_job, sampling, train_loop
+from ldm_jax.stages import ldm as ldm_stage
 
 STAGE_KEYS = (("vae", "vae_stage"), ("ldm", "ldm_stage"))
 RESULTS = "results.json"
@@ -115,6 +116,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{ldm_config.ldm.denoiser!r} denoiser needs a {ldm_config.ldm.latent!r} one")
   mesh = parallel.make_mesh()
   for name, _, stage_config in stage_configs(config, workdir):
+    if name == "ldm":
+      ldm_stage.check_latent_cache(stage_config)
     try:
       parallel.check_batch_size(stage_config.train.batch_size, mesh)
     except ValueError as error:

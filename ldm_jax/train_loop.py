@@ -1,7 +1,8 @@
 """The one training loop, shared by every stage.
 
   state  <- restore latest checkpoint of workdir, or initialise
-  repeat: batch -> jit train step (donated state) -> metrics
+  stage.prepare_training (e.g. the LDM's latent cache)
+  repeat: batch -> stage.train_batch -> jit train step (donated state) -> metrics
           every log_every:        progress bar, stdout, metrics.jsonl, TensorBoard
           every eval_every:       eval metrics on the test split + picture (+ FID)
           every checkpoint_every: orbax checkpoint with the data iterator
@@ -274,6 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     if saved is not None:
       saved.close()
 
+  stage.prepare_training(state.frozen, mesh)
   train_step, eval_step = runs.compile_steps(stage, config, mesh, graphdef, state)
   health_check = _make_health_check(stage, graphdef, mesh)
 
@@ -316,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   try:
     with _Preemption() as preemption:
       for step in range(start_step + 1, num_steps + 1):
-        batch = parallel.shard_batch(mesh, next(train_iter))
+        batch = parallel.shard_batch(mesh, stage.train_batch(next(train_iter)))
         state, metrics = train_step(state, batch)
         all_finite = all_finite & jnp.isfinite(metrics["loss"])
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)

@@ -487,6 +487,23 @@ def test_train_epochs_are_permutations_in_new_orders(prepared):
   assert list(epochs[0]) != list(range(SIZES["train"]))
 
 
+def test_train_batches_name_the_stored_image_and_its_flip(prepared):
+  """`index` and `flip` say which stored image each row is, and whether it
+  was mirrored: what the LDM's latent cache looks posteriors up by."""
+  config = config_for(prepared.data_dir, random_flip=True, crop_padding=0)
+  reference, _ = data.load_split_images(config, "train")
+  for p in range(2):
+    it = data.train_iterator(config, 40, seed=5, process_index=p, process_count=2)
+    batches = _take(it, 3)
+    index = np.concatenate([b["index"] for b in batches])
+    flip = np.concatenate([b["flip"] for b in batches]).astype(bool)
+    images = as_uint8(np.concatenate([b["image"] for b in batches]))
+    expected = np.where(flip[:, None, None, None], reference[index][:, :, ::-1],
+                        reference[index])
+    np.testing.assert_array_equal(images, expected)
+    assert 0 < flip.sum() < len(flip)
+
+
 def test_train_stream_depends_only_on_seed(prepared):
   def first_labels(seed):
     it = data.train_iterator(prepared, 20, seed=seed, process_index=0,

@@ -1,5 +1,6 @@
 """The latent diffusion stage, sampling over devices, and sample.py."""
 
+import json
 import os
 
 import jax
@@ -12,7 +13,8 @@ from flax import nnx
 
 import sample
 from conftest import ldm_config
-from ldm_jax import diffusion, models, parallel, runs, sampling, train_loop
+from ldm_jax import data, diffusion, models, parallel, runs, sampling, train_loop
+from ldm_jax.stages import ldm as ldm_stage
 
 
 def test_ldm_run_keeps_vae_frozen_and_tracks_ema(ldm_workdir, vae_workdir):
@@ -98,7 +100,9 @@ def test_clip_x0_reaches_the_sampler(ldm_workdir):
     outputs[clip] = sampling.generate(stage.decoder(graphdef), settings, state.ema_params,
                                       state.rest, state.frozen, labels, seed=3, batch_size=8,
                                       mesh=parallel.make_mesh(8)).astype(int)
-  np.testing.assert_array_equal(outputs[1e6], outputs[None])
+  # Two compiled programs: equal up to a rounding step at a uint8 boundary.
+  unbitten = np.abs(outputs[1e6] - outputs[None])
+  assert unbitten.max() <= 1 and (unbitten == 0).mean() > 0.999
   assert np.abs(outputs[0.05] - outputs[None]).mean() > 5
 
 
@@ -227,3 +231,70 @@ def test_sample_py_never_overwrites(ldm_workdir, tmp_path):
   (out / "generated_samples").mkdir(parents=True)
   with pytest.raises(FileExistsError, match="nothing is overwritten"):
     run_sample(ldm_workdir, out)
+
+
+def cached_config(data_dir, vae_workdir, cache_latents=True, **kw):
+  """The tiny LDM on unpadded flips, the stream a latent cache can stand for."""
+  config = ldm_config(data_dir, vae_workdir, **kw)
+  config.data.crop_padding = 0
+  config.ldm.cache_latents = cache_latents
+  return config
+
+
+def test_latent_cache_gives_the_encoders_posteriors_and_losses(
+    tiny_data_dir, vae_workdir, ldm_workdir):
+  _, graphdef, state = runs.load_run(ldm_workdir)
+  config = cached_config(tiny_data_dir, vae_workdir)
+  runs.attach_vae_config(config)
+  stage = runs.make_stage(config)
+  mesh = parallel.make_mesh()
+  stage.prepare_training(state.frozen, mesh)
+  batch = next(data.train_iterator(config.data, 16, seed=3))
+  assert 0 < batch["flip"].sum() < 16  # Both orientations are looked up.
+  cached = stage.train_batch(batch)
+  assert set(cached) == {"posterior", "label"}  # The loss cannot run the encoder.
+
+  _, vae_graphdef, vae_state = runs.load_run(vae_workdir)
+  vae = nnx.merge(vae_graphdef, vae_state.eval_params(), vae_state.rest)
+  mean, logvar = jax.jit(lambda x: vae.encode(x))(batch["image"])
+  np.testing.assert_allclose(cached["posterior"], np.concatenate([mean, logvar], -1),
+                             atol=1e-5, rtol=1e-5)
+
+  @jax.jit
+  def loss(params, rest, frozen, batch):
+    model = nnx.merge(graphdef, params, rest)
+    return stage.loss(model, frozen, batch, jax.random.PRNGKey(7))[0]
+
+  encoded = parallel.shard_batch(mesh, {k: batch[k] for k in ("image", "label")})
+  np.testing.assert_allclose(
+      float(loss(state.params, state.rest, state.frozen, parallel.shard_batch(mesh, cached))),
+      float(loss(state.params, state.rest, state.frozen, encoded)), rtol=1e-5)
+
+
+def test_a_run_with_the_latent_cache_trains_as_one_without(tiny_data_dir, vae_workdir, tmp_path,
+                                                           monkeypatch):
+  fed = []  # What the loop handed the train step in the cached run.
+  original = ldm_stage.LDMStage.train_batch
+  monkeypatch.setattr(ldm_stage.LDMStage, "train_batch",
+                      lambda self, batch: fed.append(original(self, batch)) or fed[-1])
+  losses = {}
+  for cache in (False, True):
+    fed.clear()
+    workdir = str(tmp_path / f"cache_{cache}")
+    train_loop.train_and_evaluate(
+        cached_config(tiny_data_dir, vae_workdir, cache_latents=cache, num_steps=3), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+    losses[cache] = [r["train/loss"] for r in records if "train/loss" in r]
+  assert len(fed) == 3 and all(set(b) == {"posterior", "label"} for b in fed)
+  assert len(losses[True]) == 1
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_latent_cache_with_crops_is_refused_before_any_work(tiny_data_dir, vae_workdir,
+                                                            tmp_path):
+  config = cached_config(tiny_data_dir, vae_workdir)
+  config.data.crop_padding = 4
+  with pytest.raises(ValueError, match="caches flips only"):
+    train_loop.train_and_evaluate(config, str(tmp_path / "ldm"))
+  assert not os.path.exists(tmp_path / "ldm")

@@ -273,10 +273,12 @@ def test_sliced_augmentation_is_augment_batch_of_the_global_batch():
   whole = augment.augment_batch(batch, np.random.default_rng(1), random_flip=True,
                                 crop_padding=4)
   part = pipeline._augment_rows(
-      {"image": batch["image"][4:8], "label": batch["label"][4:8]}, np.random.default_rng(1),
+      {"image": batch["image"][4:8], "label": batch["label"][4:8], "index": np.arange(4, 8)},
+      np.random.default_rng(1),
       rows=slice(4, 8), global_batch_size=12, random_flip=True, crop_padding=4)
   np.testing.assert_array_equal(part["image"], whole["image"][4:8])
   np.testing.assert_array_equal(part["label"], whole["label"][4:8])
+  np.testing.assert_array_equal(part["index"], np.arange(4, 8))
 
 
 def test_data_state_of_another_process_count(tiny_data_dir, tmp_path):

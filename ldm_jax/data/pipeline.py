@@ -88,7 +88,7 @@ def read_examples(source, indices) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_batch(source, indices: np.ndarray) -> dict[str, np.ndarray]:
   images, labels = read_examples(source, indices)
-  return {"image": images, "label": labels}
+  return {"image": images, "label": labels, "index": np.asarray(indices, np.int32)}
 
 
 def _take_rows(indices: np.ndarray, rows: slice) -> np.ndarray:
@@ -111,8 +111,11 @@ def _augment_rows(batch: dict[str, np.ndarray], rng: np.random.Generator, *,
   left = rng.integers(0, 2 * crop_padding + 1, size=global_batch_size)
   images = augment.crop_and_flip(batch["image"], top[rows], left[rows], flip[rows],
                                  crop_padding)
+  # Which stored image and which orientation each row is: what a latent
+  # cache (stages/ldm.py) looks rows up by.
   return {"image": augment.to_signed_unit_range(images),
-          "label": np.asarray(batch["label"], np.int32)}
+          "label": np.asarray(batch["label"], np.int32),
+          "index": batch["index"], "flip": flip[rows].astype(np.int32)}
 
 
 def train_iterator(data_config: ml_collections.ConfigDict,
@@ -129,7 +132,8 @@ def train_iterator(data_config: ml_collections.ConfigDict,
 
   Returns:
     A grain iterator of ``{image: float32 (B, 32, 32, 3) in [-1, 1],
-    label: int32 (B,)}`` with B = global_batch_size // process_count. Its
+    label: int32 (B,), index: int32 (B,) row of the split, flip: int32 (B,)
+    1 where mirrored}`` with B = global_batch_size // process_count. Its
     get_state()/set_state() (or grain.checkpoint.CheckpointSave/Restore with
     orbax) resume the exact same stream. The state is a position in the
     global stream, the same on every process and for any process count.

@@ -99,35 +99,13 @@ class FIDModel:
     """
     images = check_images(images_uint8)
     num_images = images.shape[0]
-    step = self._step_size(batch_size, num_images)
-    global_step = step * jax.process_count()
-    own_rows = slice(jax.process_index() * step, (jax.process_index() + 1) * step)
-    features = []
-    pending = None
-
-    def collect(result, valid):
-      # Gathered in process order, which is the order of the global batch.
-      features.append(parallel.gather_to_host(result)[:valid])
-
+    global_step = self._step_size(batch_size, num_images) * jax.process_count()
     with tqdm.tqdm(total=num_images, unit="img", desc="FID features",
                    disable=not progress, leave=False) as bar:
-      for start in range(0, num_images, global_step):
-        chunk = images[start:start + global_step]
-        valid = chunk.shape[0]
-        if valid < global_step:
-          padding = np.zeros((global_step - valid,) + chunk.shape[1:], np.uint8)
-          chunk = np.concatenate([chunk, padding])
-        result = _features(self._graphdef, self._state,
-                           parallel.shard_batch(self.mesh, chunk[own_rows]))
-        # Fetch the previous batch only after queueing this one, so the
-        # device never waits for the host copy.
-        if pending is not None:
-          collect(*pending)
-          bar.update(pending[1])
-        pending = (result, valid)
-      collect(*pending)
-      bar.update(pending[1])
-    return np.concatenate(features).astype(np.float32)
+      features = parallel.map_in_batches(
+          lambda batch: _features(self._graphdef, self._state, batch), images, global_step,
+          self.mesh, progress=bar.update)
+    return features.astype(np.float32)
 
   def statistics(self, images_uint8: np.ndarray, batch_size: int = 200,
                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:

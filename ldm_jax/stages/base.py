@@ -43,6 +43,15 @@ class Stage(abc.ABC):
     del batches
     return {}
 
+  def prepare_training(self, frozen: Any, mesh: Any) -> None:
+    """Work done once per start, when the frozen arrays are in place and
+    before the first step (e.g. caches `train_batch` reads)."""
+    del frozen, mesh
+
+  def train_batch(self, batch: dict) -> dict:
+    """The host-side train batch the loss takes, from what the stream gives."""
+    return batch
+
   @abc.abstractmethod
   def loss(self, model: nnx.Module, frozen: Any, batch: dict,
            rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -6,6 +6,13 @@ with every LDM checkpoint, so an LDM workdir alone is enough to sample from.
 Latents are multiplied by `latent_scale` (1 / their std, measured on training
 batches at the start) so that diffusion sees unit-variance data, as the noise
 schedule assumes.
+
+With `ldm.cache_latents`, the VAE encodes every train image once per start,
+as stored and mirrored, and each step looks its batch's posteriors up on the
+host instead of running the encoder. The posterior is still sampled afresh
+at every step with the same key, so training sees the same distribution (and
+the same numbers, to float rounding) as without the cache. Only flips can be
+cached: crops would need a posterior per offset.
 """
 
 from __future__ import annotations
@@ -17,11 +24,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tqdm import tqdm
+
 from ldm_jax import data, diffusion, ema, images, models, parallel, sampling
 from ldm_jax.stages import base
 
 # (vae_workdir, step or None) -> (config dict, VAE graphdef, train state).
 VAELoader = Callable[[str, int | None], tuple[dict, nnx.GraphDef, Any]]
+
+
+def check_latent_cache(config) -> None:
+  """Refuses `ldm.cache_latents` where a cache cannot stand for the stream."""
+  if config.ldm.get("cache_latents") and config.data.crop_padding:
+    raise ValueError(
+        "ldm.cache_latents caches flips only, but data.crop_padding="
+        f"{config.data.crop_padding} crops too: set data.crop_padding=0 or "
+        "ldm.cache_latents=False")
 
 
 class LDMStage(base.Stage):
@@ -30,6 +48,10 @@ class LDMStage(base.Stage):
   def __init__(self, config, load_vae: VAELoader | None = None):
     super().__init__(config)
     self._load_vae = load_vae
+    check_latent_cache(config)
+    # (2, N, *latent_shape[:-1], 2 * latent channels): the posterior mean and
+    # log-variance of train image n as stored (0) and mirrored (1).
+    self._posteriors: np.ndarray | None = None
     if config.ldm.denoiser not in models.DENOISERS:
       raise ValueError(f"unknown denoiser {config.ldm.denoiser!r}; choose from "
                        f"{', '.join(sorted(models.DENOISERS))}")
@@ -80,15 +102,49 @@ class LDMStage(base.Stage):
       raise ValueError(f"the VAE's latents have std {std}: is the checkpoint sound?")
     return jnp.float32(1.0 / std)
 
-  def _encode(self, frozen: Any, x: jax.Array, rng: jax.Array) -> jax.Array:
-    vae = nnx.merge(self.vae_graphdef, frozen["vae"]["params"], frozen["vae"]["rest"])
-    mean, logvar = vae.encode(x)
+  def _posterior(self, vae: dict, x: jax.Array) -> jax.Array:
+    """The VAE posterior's mean and log-variance, concatenated on the last axis."""
+    mean, logvar = nnx.merge(self.vae_graphdef, vae["params"], vae["rest"]).encode(x)
+    return jnp.concatenate([mean, logvar], axis=-1)
+
+  def _sample_latent(self, frozen: Any, posterior: jax.Array, rng: jax.Array) -> jax.Array:
+    mean, logvar = jnp.split(posterior, 2, axis=-1)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     return jax.lax.stop_gradient(z * frozen["latent_scale"])
 
+  def _encode(self, frozen: Any, x: jax.Array, rng: jax.Array) -> jax.Array:
+    return self._sample_latent(frozen, self._posterior(frozen["vae"], x), rng)
+
+  def posteriors(self, vae: dict, images_uint8: np.ndarray, mesh, progress=None) -> np.ndarray:
+    """The posterior (mean and log-variance, concatenated) of each uint8 image."""
+    # The stream's [-1, 1] conversion (augment.to_signed_unit_range), done on
+    # the devices so that a whole split never exists as float32 on the host.
+    encode = jax.jit(lambda vae, x: self._posterior(vae, x.astype(jnp.float32) / 127.5 - 1.0))
+    return parallel.map_in_batches(lambda x: encode(vae, x), images_uint8,
+                                   self.config.eval.batch_size, mesh, progress=progress)
+
+  def prepare_training(self, frozen, mesh):
+    if not self.config.ldm.get("cache_latents"):
+      return
+    stored, _ = data.load_split_images(self.config.data, "train")
+    with tqdm(total=2 * len(stored), unit="img", desc="caching latents", leave=False,
+              disable=not self.config.train.progress_bar or jax.process_index() != 0) as bar:
+      self._posteriors = np.stack([
+          self.posteriors(frozen["vae"], orientation, mesh, progress=bar.update)
+          for orientation in (stored, stored[:, :, ::-1])])
+
+  def train_batch(self, batch):
+    if self._posteriors is None:
+      return batch
+    return dict(posterior=self._posteriors[batch["flip"], batch["index"]],
+                label=batch["label"])
+
   def _per_example_loss(self, model, frozen, batch, rng, class_dropout):
     encode_rng, dropout_rng, diffusion_rng = jax.random.split(rng, 3)
-    z = self._encode(frozen, batch["image"], encode_rng)
+    if "posterior" in batch:  # Looked up from the latent cache.
+      z = self._sample_latent(frozen, batch["posterior"], encode_rng)
+    else:
+      z = self._encode(frozen, batch["image"], encode_rng)
     labels = batch["label"]
     if class_dropout > 0:
       drop = jax.random.bernoulli(dropout_rng, class_dropout, labels.shape)
