@@ -226,3 +226,14 @@ def test_bad_config_override_fails_before_running(override, message, tmp_path):
   assert result.returncode != 0
   assert message in result.stderr
   assert not workdir.exists()
+
+
+def test_map_in_batches_keeps_row_order_and_drops_padding():
+  mesh = parallel.make_mesh()
+  inputs = np.arange(21 * 3, dtype=np.float32).reshape(21, 3)
+  finished = []
+  # 10 rounds up to 16 rows (8 devices): one full batch, one padded.
+  out = parallel.map_in_batches(jax.jit(lambda x: 2 * x + 1), inputs, 10, mesh,
+                                progress=finished.append)
+  np.testing.assert_array_equal(out, 2 * inputs + 1)
+  assert finished == [16, 5]
