@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 from tqdm import tqdm
@@ -221,8 +222,8 @@ def _evaluate(config, mesh, eval_step, state) -> dict[str, float]:
   sums: dict[str, Any] = {}
   batches = data.eval_batches(config.data, config.eval.batch_size,
                               num_examples=config.eval.num_examples)
-  for batch in batches:
-    out = eval_step(state, parallel.shard_batch(mesh, batch))
+  for batch_number, batch in enumerate(batches):
+    out = eval_step(state, parallel.shard_batch(mesh, batch), np.int32(batch_number))
     sums = out if not sums else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
   count = max(float(sums.pop("count")), 1.0)

@@ -113,12 +113,19 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
 
 
 def make_eval_step(graphdef: nnx.GraphDef, eval_fn: EvalFn):
-  """(state, batch) -> sums of each per-example metric over the real rows."""
+  """(state, batch, batch_number) -> sums of each per-example metric over the real rows.
 
-  def eval_step(state: TrainState, batch: dict) -> dict:
+  `batch_number` (the batch's place in the eval pass) is folded into the
+  key, so every eval batch draws its own noise and timesteps: with one key
+  for the whole pass, each batch would repeat the first one's draws, and a
+  1,000-example eval would average over only one batch's worth of them.
+  """
+
+  def eval_step(state: TrainState, batch: dict, batch_number: jax.Array) -> dict:
     model = nnx.merge(graphdef, state.eval_params(), state.rest)
     model.eval()
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED)
+    rng = jax.random.fold_in(
+        jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED), batch_number)
     per_example = eval_fn(model, state.frozen, batch, rng)
     mask = batch["mask"]
     sums = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in per_example.items()}
@@ -135,6 +142,6 @@ def compile_steps(mesh, graphdef, state_like, train_step, eval_step):
   batch_sharding = parallel.batch_sharding(mesh)
   train = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                   out_shardings=(state_sharding, replicated), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding),
+  evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding, replicated),
                      out_shardings=replicated)
   return train, evaluate

@@ -93,6 +93,27 @@ def test_sharded_step_equals_single_device_step(tiny_data_dir):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_each_eval_batch_draws_its_own_randomness(tiny_data_dir):
+  """The eval key differs between the batches of one pass and repeats for the same one.
+
+  A stand-in metric that is the key's own uniform draw shows what the stage's
+  noise and timesteps would see.
+  """
+  config = vae_config(tiny_data_dir)
+  stage = runs.make_stage(config)
+  mesh = parallel.make_mesh(8)
+  graphdef, state = runs.init_model_and_state(stage, config, frozen=None)
+  state = parallel.replicate(mesh, state)
+  draw = lambda model, frozen, batch, rng: dict(loss=jax.random.uniform(rng, batch["mask"].shape))
+  _, evaluate = train_state.compile_steps(
+      mesh, graphdef, state, train_state.make_train_step(graphdef, stage.loss, None, None, None),
+      train_state.make_eval_step(graphdef, draw))
+  batch = parallel.shard_batch(mesh, next(iter(data.eval_batches(config.data, 16, num_examples=16))))
+  first, again, second = (float(evaluate(state, batch, np.int32(n))["loss"]) for n in (0, 0, 1))
+  assert first == again
+  assert first != second
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ValueError, match="multiple of the number of devices"):
     parallel.check_batch_size(12, parallel.make_mesh(8))
