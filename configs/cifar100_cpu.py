@@ -9,6 +9,14 @@ the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
+  round 12, this recipe as committed at 7fed53d, trained end to end on a
+    fresh machine (runs/final9): FID-512 137.7, FID-2k 100.4, VAE
+    reconstruction FID-2k 67.7; whole job 30.4 min (VAE 3.9 + LDM 22.2 +
+    samples 0.8 + FID 3.5). That machine ran the VAE stage 1.7x faster than
+    round 8's; scaled by it, the job takes about 52 min there.
+  round 10, LDM lr 4e-3 at 3,000 steps without the latent cache (b887dc3,
+    runs/final8_lr4e3): FID-512 137.0, FID-2k 99.6; 39.9 min on that
+    round's machine. At 8e-3 on the same VAE: 138.9, 101.9.
   round 9, LDM learning rate 2e-3, at f184d6a on round 8's VAE (runs/final7):
     FID-512 139.5, FID-2k 102.2, VAE reconstruction FID-2k 67.6; whole job
     about 48.7 min alone (VAE 6.7 + LDM 35.4 + samples 1.4 + FID 5.2: the
@@ -56,9 +64,10 @@ def get_config():
   # The original's plain eps loss: at 500 steps it scored FID-512 221.6
   # against 236.5 for v-prediction with Min-SNR-5 weighting, whose samples
   # look more natural in colour but score worse (docs/results.md).
-  # 3,500 steps: 30 min on the round-10 machine (0.52 s/step with eval),
-  # about 41 min on round 8's slower one (0.71 s/step); the whole job stays
-  # under the hour on both.
+  # 3,500 steps: 22 min on round 12's machine (0.38 s/step with the cache
+  # and eval), about 30 min on round 10's (0.52 s/step without the cache)
+  # and about 41 min on round 8's slower one (0.71 s/step); the whole job
+  # stays under the hour on all three.
   ldm.train.update(batch_size=64, num_steps=3_500, eval_every=3_500, checkpoint_every=700,
                    log_every=50)
   # Learning rate ranked at 1,000 steps (equal cost, FID-512): 1e-3 172.7,
