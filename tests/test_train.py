@@ -94,12 +94,14 @@ def test_sharded_step_equals_single_device_step(tiny_data_dir):
 
 
 def test_each_eval_batch_draws_its_own_randomness(tiny_data_dir):
-  """The eval key differs between the batches of one pass and repeats for the same one.
+  """The eval key differs between the batches of one pass and repeats for the same one,
+  and the eval pass numbers its batches.
 
   A stand-in metric that is the key's own uniform draw shows what the stage's
   noise and timesteps would see.
   """
   config = vae_config(tiny_data_dir)
+  config.eval.update(batch_size=16, num_examples=32)
   stage = runs.make_stage(config)
   mesh = parallel.make_mesh(8)
   graphdef, state = runs.init_model_and_state(stage, config, frozen=None)
@@ -112,6 +114,11 @@ def test_each_eval_batch_draws_its_own_randomness(tiny_data_dir):
   first, again, second = (float(evaluate(state, batch, np.int32(n))["loss"]) for n in (0, 0, 1))
   assert first == again
   assert first != second
+  # Two batches of 16: the pass's mean is that of batch 0's draws and batch 1's.
+  expected = sum(float(evaluate(state, parallel.shard_batch(mesh, b), np.int32(n))["loss"])
+                 for n, b in enumerate(data.eval_batches(config.data, 16, num_examples=32))) / 32
+  np.testing.assert_allclose(train_loop._evaluate(config, mesh, evaluate, state)["loss"],
+                             expected, rtol=1e-6)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
