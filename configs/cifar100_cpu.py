@@ -64,8 +64,8 @@ def get_config():
   # The original's plain eps loss: at 500 steps it scored FID-512 221.6
   # against 236.5 for v-prediction with Min-SNR-5 weighting, whose samples
   # look more natural in colour but score worse (docs/results.md).
-  # 3,500 steps: 22 min on round 12's machine (0.38 s/step with the cache
-  # and eval), about 30 min on round 10's (0.52 s/step without the cache)
+  # 3,500 steps: 22 min on round 12's machine (0.38 s/step, counting the
+  # cache build and eval), about 30 min on round 10's (0.52 s/step without the cache)
   # and about 41 min on round 8's slower one (0.71 s/step); the whole job
   # stays under the hour on all three.
   ldm.train.update(batch_size=64, num_steps=3_500, eval_every=3_500, checkpoint_every=700,
