@@ -25,7 +25,7 @@ import sys as _sys
 # Runnable as `python bench/<name>.py` from the repository root.
 _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
-from ldm_jax import data
+from ldm_jax import data, huge_pages
 from ldm_jax.data import augment, builder, pipeline
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A prepared TFDS data dir.")
@@ -105,4 +105,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # Time what train.py gets.
   app.run(main)

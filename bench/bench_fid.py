@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ldm_jax import huge_pages  # noqa: E402
 
 
 def load_images(data_dir: str, split: str, num: int) -> np.ndarray:
@@ -113,7 +114,8 @@ def main() -> None:
   both = np.concatenate([train, test])
   print(f"images: {len(train)} train, {len(test)} test; JAX devices: "
         f"{model.mesh.devices.size} x {jax.devices()[0].device_kind}; "
-        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
+        f"malloc huge pages {'on' if huge_pages.enabled() else 'off'}")
   _, seconds, _ = timed(lambda: model.features(
       both[:args.batch_size], batch_size=args.batch_size, progress=False))
   print(f"JAX compile + first batch: {seconds:.1f} s")
@@ -178,4 +180,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # Time what train.py gets.
   main()

@@ -28,6 +28,7 @@ import sys as _sys
 # Runnable as `python bench/<name>.py` from the repository root.
 _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
+from ldm_jax import huge_pages
 from ldm_jax.models import (
     VAE, MLPDenoiser, UNet, gaussian_kl, reconstruction_loss)
 from ldm_jax.models.layers import Upsample, group_norm
@@ -178,4 +179,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # Time what train.py gets.
   main()

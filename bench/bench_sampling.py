@@ -26,7 +26,7 @@ import sys as _sys
 # Runnable as `python bench/<name>.py` from the repository root.
 _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
-from ldm_jax import diffusion, parallel
+from ldm_jax import diffusion, huge_pages, parallel
 
 _DENOISER = flags.DEFINE_enum("denoiser", "unet", ["unet", "mlp"],
                               "Which ldm_jax.models denoiser to time.")
@@ -142,4 +142,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # Time what train.py gets.
   app.run(main)

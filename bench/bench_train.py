@@ -29,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import cifar100_vae
-from ldm_jax import parallel, pipeline, runs
+from ldm_jax import huge_pages, parallel, pipeline, runs
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar100_vae.py", "Recipe.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: the recipe's).")
@@ -92,7 +92,8 @@ def main(argv):
   batch = parallel.shard_batch(mesh, batch)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"{config.stage} ({params / 1e6:.1f}M params), global batch {batch_size}, "
-        f"{mesh.devices.size} x {jax.devices()[0].device_kind}")
+        f"{mesh.devices.size} x {jax.devices()[0].device_kind}; "
+        f"malloc huge pages {'on' if huge_pages.enabled() else 'off'}")
   start = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -107,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # Time what train.py gets.
   app.run(main)

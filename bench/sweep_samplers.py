@@ -27,7 +27,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from ldm_jax import fid as fid_lib
-from ldm_jax import parallel, runs, sampling
+from ldm_jax import huge_pages, parallel, runs, sampling
 from ldm_jax.fid import reference as reference_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "LDM workdir.")
@@ -98,4 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # Time what train.py gets.
   app.run(main)

@@ -120,8 +120,14 @@ def guard(function: Callable[..., Any], *args: Any, argv: Sequence[str] | None =
 
 
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
-  """`absl.app.run(main)`, with errors reported as above; never returns."""
+  """`absl.app.run(main)`, with errors reported as above; never returns.
+
+  The program first re-executes itself with glibc's huge-page tunable where
+  that helps (`huge_pages`: 1.2-1.3x faster CPU steps).
+  """
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ldm_jax import huge_pages  # pylint: disable=g-import-not-at-top
+  huge_pages.reexec_with_huge_pages()
   argv = list(sys.argv if argv is None else argv)
   if "debug" not in flags.FLAGS:
     flags.DEFINE_bool("debug", False,
