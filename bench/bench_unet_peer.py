@@ -12,6 +12,10 @@ attention in the two lower-resolution blocks (head dim 64 = 4 heads at 256),
 101 class embeddings, dropout 0.1, torch.optim.AdamW + clip_grad_norm_. Both
 are timed in `--rounds` interleaved rounds (JAX steps, then torch steps), so
 both see the same machine load; the best round and the median are printed.
+Each framework's turn starts with `--settle-steps` untimed steps (default 1):
+on the 2-core VM, the first JAX step after torch's took 1.5-3.5 s longer
+than the next ones, almost all of it kernel time (bench/README.md, round
+13), a cost of switching frameworks that a training run never pays.
 FLOPs per step come from each framework's own count (XLA's cost analysis,
 torch's FlopCounterMode); the machine's matmul rate is measured here with a
 jitted float32 (or `--dtype`) 2048^3 matmul. `--peak-tflops` (default: known
@@ -188,6 +192,8 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--steps", type=int, default=3, help="steps per round")
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--settle-steps", type=int, default=1,
+                      help="untimed steps at the start of each framework's turn")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--no-torch", action="store_true", help="JAX only")
   parser.add_argument("--peak-tflops", type=float, default=None,
@@ -243,6 +249,9 @@ def main() -> None:
   for _ in range(args.rounds):
     for component, variant in variants.items():
       step, state, batch = variant["jax"]
+      for _ in range(args.settle_steps):
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
       begin = time.perf_counter()
       for _ in range(args.steps):
         state, metrics = step(state, batch)
@@ -250,6 +259,8 @@ def main() -> None:
       variant["jax"][1] = state
       seconds[component, "ldm-jax"].append((time.perf_counter() - begin) / args.steps)
       if variant["peer"] is not None:
+        for _ in range(args.settle_steps):
+          variant["peer"]()
         begin = time.perf_counter()
         for _ in range(args.steps):
           variant["peer"]()
