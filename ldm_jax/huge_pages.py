@@ -14,7 +14,8 @@ Debian and Ubuntu.
 Tunables are read once, when a process starts, so a program that wants them
 re-executes itself: `reexec_with_huge_pages()` replaces the process (same
 PID, same arguments, same environment plus the tunable) before it does any
-work. `cli.run` calls it for the absl programs (train.py, sample.py); the
+work. `cli.run` calls it for the absl programs (train.py, sample.py,
+`python -m ldm_jax.data`), `python -m ldm_jax.fid` calls it, and the
 benchmark scripts call it too, so that they time what users get. Nothing
 happens where it cannot help: outside glibc 2.35+, when the kernel's huge
 pages are off, when GLIBC_TUNABLES already sets the tunable (either value),

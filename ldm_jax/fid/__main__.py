@@ -295,5 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  # As every command line: glibc's huge-page tunable first (cli.run's note),
+  # which makes feature extraction about 1.1x faster on the CPU.
+  from ldm_jax import huge_pages  # pylint: disable=g-import-not-at-top
+  huge_pages.reexec_with_huge_pages()
   # Errors main() does not expect get the same one-line report (exit status 2).
   sys.exit(cli.guard(main))
