@@ -21,7 +21,8 @@ from ldm_jax import parallel
 from ldm_jax.models import (
     DENOISERS, MLPDenoiser, UNet, VAE, gaussian_kl, make_denoiser, psnr,
     reconstruction_loss)
-from ldm_jax.models.layers import GroupNorm, num_groups_for, timestep_embedding
+from ldm_jax.models.layers import (
+    AttentionBlock, GroupNorm, num_groups_for, pointwise_conv, timestep_embedding)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -203,6 +204,56 @@ def test_group_norm_statistics_stay_float32_under_bfloat16():
                              atol=0.05)
   np.testing.assert_allclose(out.astype(jnp.float32),
                              reference(x).astype(jnp.float32), atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pointwise_conv_is_the_1x1_conv(dtype):
+  conv = nnx.Conv(6, 5, (1, 1), dtype=dtype, rngs=_rngs())
+  conv.bias[...] = jnp.arange(5.0)  # A zero bias would not show a missing add.
+  x = jax.random.normal(jax.random.key(1), (2, 3, 4, 6))
+  rows = pointwise_conv(conv, x.reshape(-1, 6))
+  assert rows.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(rows.reshape(2, 3, 4, 5), np.float32),
+                             np.asarray(conv(x), np.float32), rtol=tolerance, atol=tolerance)
+  with pytest.raises(ValueError, match="1x1"):
+    pointwise_conv(nnx.Conv(6, 5, (3, 3), rngs=_rngs()), x.reshape(-1, 6))
+  with pytest.raises(ValueError, match="1x1"):
+    pointwise_conv(nnx.Conv(6, 5, (1, 1), strides=2, rngs=_rngs()), x.reshape(-1, 6))
+
+
+def _attention_block_reference(block, x, context):
+  """The block written out over (B, T, C) tokens with its own modules, as a
+  transformer block reads: the independent check of the row-wise version."""
+  def attend(mha, queries, keys):
+    def heads(y):
+      return y.reshape(y.shape[:2] + (mha.num_heads, -1)).transpose(0, 2, 1, 3)
+    q, k, v = heads(mha.query(queries)), heads(mha.key(keys)), heads(mha.value(keys))
+    weights = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]), axis=-1)
+    attended = (weights @ v).transpose(0, 2, 1, 3).reshape(queries.shape)
+    return mha.out(attended)
+
+  batch, height, width, channels = x.shape
+  h = block.proj_in(block.norm(x)).reshape(batch, height * width, channels)
+  normed = block.self_norm(h)
+  h = h + attend(block.self_attn, normed, normed)
+  h = h + attend(block.cross_attn, block.cross_norm(h), context)
+  if block.mlp_in is not None:
+    h = h + block.mlp_out(jax.nn.gelu(block.mlp_in(block.mlp_norm(h))))
+  return x + block.proj_out(h.reshape(x.shape))
+
+
+@pytest.mark.parametrize("mlp_ratio", [4, 0])
+def test_attention_block_matches_its_written_out_form(mlp_ratio):
+  block = AttentionBlock(16, num_heads=2, context_dim=8, mlp_ratio=mlp_ratio, rngs=_rngs())
+  for layer in (block.proj_in, block.proj_out):  # Non-zero biases, so a lost add shows.
+    layer.bias[...] = jax.random.normal(jax.random.key(2), layer.bias.shape)
+  x = jax.random.normal(jax.random.key(3), (2, 4, 4, 16))
+  context = jax.random.normal(jax.random.key(4), (2, 3, 8))
+  out, expected = block(x, context), _attention_block_reference(block, x, context)
+  assert out.shape == x.shape
+  np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(out - x))) > 1e-2  # The block does something.
 
 
 def test_gaussian_kl_standard_normal_is_zero():
