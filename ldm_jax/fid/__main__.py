@@ -295,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  # As every command line: glibc's huge-page tunable first (cli.run's note),
-  # which makes feature extraction about 1.1x faster on the CPU.
+  # As every command line: glibc's huge-page tunable first (huge_pages'
+  # docstring). Feature extraction gains little from it (1.03x, round 13).
   from ldm_jax import huge_pages  # pylint: disable=g-import-not-at-top
   huge_pages.reexec_with_huge_pages()
   # Errors main() does not expect get the same one-line report (exit status 2).
