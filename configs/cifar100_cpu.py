@@ -9,6 +9,17 @@ the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
+  round 15, as committed at 9d78078 (the VAE trained 800 steps, one epoch,
+    instead of 400), trained end to end (runs/final11): FID-512 115.7,
+    FID-2k 75.3, VAE reconstruction FID-2k 39.6; the FIDs of v800 below to
+    every digit; 53.7 min with a guidance sweep sharing the cores for its
+    first 26.
+    The same stages trained at 8c7e831 with the VAE steps overridden (v800):
+    115.7 / 75.3 in 37.9 min (VAE 10.0 + LDM 22.1 + samples 1.0 + FID 4.7),
+    against 137.7 / 100.4 with the 400-step VAE (reconstruction FID-2k
+    67.7). A 1,200-step VAE (32.0) with 2,800 LDM steps, about the same
+    cost: 118.1 / 76.8, a tie. Scaled to the slowest machine this project
+    has run on (1.46x this one's times), about 55 min.
   round 14, as committed at c131832, trained end to end on another fresh
     machine (runs/final10): FID-512 137.7, FID-2k 100.4 (the same as round
     12's to the digits shown), VAE reconstruction FID-2k 67.7; whole job
@@ -110,6 +121,8 @@ def get_config():
   # Guidance measured on the 3,000-step model (dpm_solver-20, clip 3):
   # FID-2k 125.6 at w=2, 116.9 at 5, 113.5 at 7, 111.1 at 10, 113.1 at 15;
   # FID-512 158.1 at 2, 150.8 at 5, 146.1 at 10 (docs/results.md: every run).
+  # On round 15's model (800-step VAE), dpm_solver-10: FID-2k 77.0 at 5,
+  # 74.5 at 7, 75.3 at 10, 79.7 at 15: as flat, so 10 stays.
   config.sample.guidance = 10.0
   # Steps measured at w=10 (FID-2k, same labels and seed): dpm_solver-10
   # 110.0, dpm_solver-20 111.1, ddim-50 112.1, ddpm-1000 112.9. Ten steps
