@@ -18,8 +18,10 @@ Reached (2 CPU cores, 1 device; docs/results.md):
     115.7 / 75.3 in 37.9 min (VAE 10.0 + LDM 22.1 + samples 1.0 + FID 4.7),
     against 137.7 / 100.4 with the 400-step VAE (reconstruction FID-2k
     67.7). A 1,200-step VAE (32.0) with 2,800 LDM steps, about the same
-    cost: 118.1 / 76.8, a tie. Scaled to the slowest machine this project
-    has run on (1.46x this one's times), about 55 min.
+    cost: 118.1 / 76.8, a tie. On the slowest machine this project has
+    run on (round 8's), by its stage times, about 57 min: VAE 13.4 (twice
+    its 6.7), LDM about 37 (its 0.71 s/step less the latent cache's 1.11x),
+    samples 1.4, FID 5.5.
   round 14, as committed at c131832, trained end to end on another fresh
     machine (runs/final10): FID-512 137.7, FID-2k 100.4 (the same as round
     12's to the digits shown), VAE reconstruction FID-2k 67.7; whole job
@@ -92,7 +94,8 @@ def get_config():
   # 3,500 steps: 22 min on round 12's machine (0.38 s/step, counting the
   # cache build and eval), about 30 min on round 10's (0.52 s/step without the cache)
   # and about 41 min on round 8's slower one (0.71 s/step); the whole job
-  # stays under the hour on all three.
+  # stays under the hour on all three (with round 15's 800-step VAE, about
+  # 57 min on round 8's).
   ldm.train.update(batch_size=64, num_steps=3_500, eval_every=3_500, checkpoint_every=700,
                    log_every=50)
   # Learning rate ranked at 1,000 steps (equal cost, FID-512): 1e-3 172.7,
