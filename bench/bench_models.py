@@ -113,36 +113,46 @@ def _best_ms(step: Callable, args: tuple, steps: int) -> float:
 
 
 def bench_groupnorm(batch: int, steps: int,
-                    shapes=((16, 128), (8, 256), (16, 384), (32, 64), (32, 128))):
-  """Best ms of GroupNorm(32) + SiLU forward and backward, ours (layers.GroupNorm) and torch's."""
+                    shapes=((16, 128), (8, 256), (4, 256), (16, 384), (32, 64), (32, 128))):
+  """Best ms of GroupNorm(32) + SiLU forward and backward, ours (layers.GroupNorm)
+  and torch's, plain and with a FiLM scale and shift: ours folds it into the
+  normalisation, torch applies it as `norm(x) * (1 + s) + t`."""
   rows = []
   for size, channels in shapes:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, size, size, channels)).astype(np.float32)
     grad = rng.standard_normal(x.shape).astype(np.float32)
+    film = 0.1 * rng.standard_normal((2, batch, channels)).astype(np.float32)
     graphdef, params = nnx.split(group_norm(channels, rngs=nnx.Rngs(0)))
 
-    def forward_backward(params, x, grad):
+    def forward_backward(params, x, grad, film=None):
       # Gradients for the input and the parameters from a given output gradient:
       # no loss, whose own reduction would be timed too.
-      forward = lambda params, x: jax.nn.silu(nnx.merge(graphdef, params)(x))
-      return jax.vjp(forward, params, x)[1](grad)
+      forward = lambda params, x, film: jax.nn.silu(nnx.merge(graphdef, params)(
+          x, None if film is None else tuple(film)))
+      return jax.vjp(forward, params, x, film)[1](grad)
 
-    times = {"jax": _best_ms(jax.jit(forward_backward),
-                             (params, jnp.asarray(x), jnp.asarray(grad)), steps)}
+    args = (params, jnp.asarray(x), jnp.asarray(grad))
+    step = jax.jit(forward_backward)
+    times = {"jax": _best_ms(step, args, steps),
+             "jax film": _best_ms(step, args + (jnp.asarray(film),), steps)}
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
-      times["torch"] = float("nan")
+      times["torch"] = times["torch film"] = float("nan")
     else:
       norm = torch.nn.GroupNorm(32, channels, eps=1e-6)
       xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
       gt = torch.from_numpy(grad).permute(0, 3, 1, 2).contiguous()
+      scale, shift = (torch.from_numpy(f)[:, :, None, None].requires_grad_(True)
+                      for f in film)
 
-      def torch_step():
-        torch.nn.functional.silu(norm(xt)).backward(gt)
+      def torch_step(with_film):
+        out = norm(xt) * (1 + scale) + shift if with_film else norm(xt)
+        torch.nn.functional.silu(out).backward(gt)
 
-      times["torch"] = _best_ms(torch_step, (), steps)
+      times["torch"] = _best_ms(torch_step, (False,), steps)
+      times["torch film"] = _best_ms(torch_step, (True,), steps)
     rows.append(((batch, size, size, channels), times))
   return rows
 
@@ -167,10 +177,12 @@ def main() -> None:
                            args.steps)
     print(f"MLPDenoiser (default, 128): {rate:.2f} steps/s", flush=True)
   if "groupnorm" in wanted:
-    print("GroupNorm(32) + SiLU, forward and backward, best ms:")
+    print("GroupNorm(32) + SiLU, forward and backward, best ms (plain; with FiLM):")
     for shape, times in bench_groupnorm(args.batch, args.steps):
-      print(f"  {'x'.join(map(str, shape)):14s} jax {times['jax']:6.1f}  "
-            f"torch {times['torch']:6.1f}  ({times['torch'] / times['jax']:.2f}x)", flush=True)
+      print(f"  {'x'.join(map(str, shape)):14s} jax {times['jax']:6.2f}  "
+            f"torch {times['torch']:6.2f}  ({times['torch'] / times['jax']:.2f}x);  "
+            f"jax {times['jax film']:6.2f}  torch {times['torch film']:6.2f}  "
+            f"({times['torch film'] / times['jax film']:.2f}x)", flush=True)
   if "upsample" in wanted:
     nearest, transpose = bench_upsampling(args.batch, args.steps)
     print(f"2x upsample 16->32, 128ch: nearest+conv3x3 {nearest:.2f} steps/s, "
