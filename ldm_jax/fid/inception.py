@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ldm_jax.fid.resize import resize_bilinear
+from ldm_jax.kernels import conv as conv_kernels
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -58,7 +59,10 @@ class ConvBN(nnx.Module):
     self.conv = nnx.Conv(
         in_features, out_features, _pair(kernel_size), strides=strides,
         padding=((pad_h, pad_h), (pad_w, pad_w)), use_bias=folded,
-        precision=precision, rngs=rngs)
+        precision=precision, rngs=rngs,
+        # float32 CPU convolutions on oneDNN (exact float32 arithmetic, as
+        # Precision.HIGHEST asks); XLA's elsewhere. ldm_jax/kernels/conv.py.
+        conv_general_dilated=conv_kernels.conv_general_dilated)
     self.bn = None if folded else nnx.BatchNorm(
         out_features, use_running_average=True, use_scale=False,
         epsilon=BN_EPSILON, rngs=rngs)

@@ -10,11 +10,20 @@ functions so they can be tested and reused without a module around them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ldm_jax.kernels import conv as conv_kernels
+
+# Every convolution of the models: `nnx.Conv` (same parameters, same
+# checkpoints) whose float32 CPU convolutions run on oneDNN when one CPU is
+# the whole backend, and on XLA everywhere else (ldm_jax/kernels/conv.py).
+Conv = functools.partial(
+    nnx.Conv, conv_general_dilated=conv_kernels.conv_general_dilated)
 
 # Used for output projections that should start close to zero (the denoiser's
 # final conv, the VAE's moments). Zero-init would make every upstream gradient
@@ -144,7 +153,7 @@ class Downsample(nnx.Module):
   """Halves H and W with a stride-2 3x3 conv (learned, keeps channels)."""
 
   def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(channels, channels, (3, 3), strides=(2, 2),
+    self.conv = Conv(channels, channels, (3, 3), strides=(2, 2),
                          dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,7 +168,7 @@ class Upsample(nnx.Module):
   """
 
   def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(channels, channels, (3, 3), dtype=dtype, rngs=rngs)
+    self.conv = Conv(channels, channels, (3, 3), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(upsample_nearest(x))
@@ -185,7 +194,7 @@ class ResBlock(nnx.Module):
       rngs: nnx.Rngs,
   ):
     self.norm1 = group_norm(in_channels, dtype=dtype, rngs=rngs)
-    self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
+    self.conv1 = Conv(in_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
     self.emb_proj = (
         nnx.Linear(emb_dim, 2 * out_channels, dtype=dtype, rngs=rngs)
         if emb_dim is not None else None)
@@ -196,9 +205,9 @@ class ResBlock(nnx.Module):
     # looks for, whatever its dropout rate.
     self.dropout = (
         nnx.Dropout(dropout, rngs=rngs) if dropout is not None else None)
-    self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
+    self.conv2 = Conv(out_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
     self.skip = (
-        nnx.Conv(in_channels, out_channels, (1, 1), dtype=dtype, rngs=rngs)
+        Conv(in_channels, out_channels, (1, 1), dtype=dtype, rngs=rngs)
         if in_channels != out_channels else None)
 
   def __call__(self, x: jax.Array, emb: jax.Array | None = None) -> jax.Array:
@@ -312,7 +321,7 @@ class AttentionBlock(nnx.Module):
       rngs: nnx.Rngs,
   ):
     self.norm = group_norm(channels, dtype=dtype, rngs=rngs)
-    self.proj_in = nnx.Conv(channels, channels, (1, 1), dtype=dtype, rngs=rngs)
+    self.proj_in = Conv(channels, channels, (1, 1), dtype=dtype, rngs=rngs)
     self.self_norm = nnx.LayerNorm(channels, dtype=dtype, rngs=rngs)
     self.self_attn = MultiHeadAttention(
         channels, num_heads=num_heads, dtype=dtype, rngs=rngs)
@@ -330,7 +339,7 @@ class AttentionBlock(nnx.Module):
       self.mlp_out = nnx.Linear(mlp_ratio * channels, channels, dtype=dtype, rngs=rngs)
     else:
       self.mlp_norm = self.mlp_in = self.mlp_out = None
-    self.proj_out = nnx.Conv(channels, channels, (1, 1), dtype=dtype, rngs=rngs)
+    self.proj_out = Conv(channels, channels, (1, 1), dtype=dtype, rngs=rngs)
 
   def __call__(
       self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ldm_jax.models.layers import (
-    AttentionBlock, Downsample, ResBlock, Upsample, group_norm, small_init,
+    AttentionBlock, Conv, Downsample, ResBlock, Upsample, group_norm, small_init,
     timestep_embedding)
 
 
@@ -127,7 +127,7 @@ class UNet(nnx.Module):
           width, num_heads=num_heads, context_dim=context_dim,
           mlp_ratio=attention_mlp_ratio, dtype=dtype, rngs=rngs)
 
-    self.conv_in = nnx.Conv(latent_shape[-1], widths[0], (3, 3), dtype=dtype,
+    self.conv_in = Conv(latent_shape[-1], widths[0], (3, 3), dtype=dtype,
                             rngs=rngs)
     skip_widths = [widths[0]]
     in_ch = widths[0]
@@ -170,7 +170,7 @@ class UNet(nnx.Module):
     self.up_levels = nnx.List(up_levels)
 
     self.out_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
-    self.conv_out = nnx.Conv(
+    self.conv_out = Conv(
         in_ch, latent_shape[-1], (3, 3), kernel_init=small_init, dtype=dtype,
         rngs=rngs)
 

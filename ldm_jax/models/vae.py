@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ldm_jax.models.layers import (
-    AttentionBlock, Downsample, ResBlock, Upsample, group_norm, small_init)
+    AttentionBlock, Conv, Downsample, ResBlock, Upsample, group_norm,
+    small_init)
 
 LATENT_FORMS = ("spatial", "vector")
 RECONSTRUCTION_KINDS = ("l1", "l2")
@@ -131,7 +132,7 @@ class VAE(nnx.Module):
     self.bottom_channels = widths[-1]
 
     # Encoder.
-    self.enc_in = nnx.Conv(image_channels, widths[0], (3, 3), dtype=dtype,
+    self.enc_in = Conv(image_channels, widths[0], (3, 3), dtype=dtype,
                            rngs=rngs)
     enc_blocks, enc_downs = [], []
     in_ch = widths[0]
@@ -150,10 +151,10 @@ class VAE(nnx.Module):
 
     bottom_features = self.bottom_size ** 2 * in_ch
     if latent == "spatial":
-      self.to_moments = nnx.Conv(
+      self.to_moments = Conv(
           in_ch, 2 * latent_channels, (3, 3), kernel_init=small_init,
           dtype=dtype, rngs=rngs)
-      self.from_latent = nnx.Conv(latent_channels, in_ch, (3, 3),
+      self.from_latent = Conv(latent_channels, in_ch, (3, 3),
                                   dtype=dtype, rngs=rngs)
     else:
       self.to_moments = nnx.Linear(
@@ -176,7 +177,7 @@ class VAE(nnx.Module):
     self.dec_blocks = nnx.List(dec_blocks)
     self.dec_ups = nnx.List(dec_ups)
     self.dec_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
-    self.dec_out = nnx.Conv(in_ch, image_channels, (3, 3), dtype=dtype,
+    self.dec_out = Conv(in_ch, image_channels, (3, 3), dtype=dtype,
                             rngs=rngs)
 
   @property

@@ -1,0 +1,1 @@
+"""Hand-picked kernels that XLA calls through its FFI (CPU only, optional)."""
