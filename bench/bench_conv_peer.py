@@ -1,4 +1,4 @@
-"""The issue-8 UNet step's 3x3 convolutions, one at a time: XLA:CPU against ATen.
+"""The issue-8 UNet step's 3x3 convolutions, one at a time: ours against ATen.
 
   JAX_PLATFORMS=cpu python bench/bench_conv_peer.py
   JAX_PLATFORMS=cpu python bench/bench_conv_peer.py --rounds=15
@@ -8,11 +8,13 @@ component by removing it, which also changes what XLA fuses around it. This
 script times the convolutions alone, at the shapes the step runs them at
 (batch 64; 16x16x128, 8x8x256 and 4x4x256 maps, and the two
 channel-changing convolutions): the forward pass, the input gradient and
-the weight gradient, each on its own (XLA:CPU against oneDNN through
-ATen). JAX runs NHWC, torch NCHW, each its framework's native layout. Each
-op alternates between the frameworks for `--rounds` rounds; the median of
-each is printed, with the ratio torch_ms / jax_ms (above 1: ldm-jax is
-faster). GroupNorm's counterpart is `bench_models.py --only groupnorm`.
+the weight gradient, each on its own, in two JAX forms: XLA:CPU's own
+convolution, and the one the models run (`ldm_jax/kernels/conv.py`: oneDNN
+through XLA's FFI, when it builds), against oneDNN through ATen. JAX runs
+NHWC, torch NCHW, each its framework's native layout. Each op alternates
+between the three for `--rounds` rounds; the median of each is printed, with
+the ratios torch_ms / jax_ms (above 1: ldm-jax is faster). GroupNorm's
+counterpart is `bench_models.py --only groupnorm`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import numpy as np
 
 from ldm_jax import huge_pages
+from ldm_jax.kernels import conv as conv_kernels
 
 # (batch, height, width, in channels, out channels) of the issue-8 step's
 # 3x3 convolutions.
@@ -36,20 +39,29 @@ CONV_SHAPES = ((64, 16, 16, 128, 128), (64, 8, 8, 256, 256), (64, 4, 4, 256, 256
 
 
 def conv_nhwc(x, kernel):
-  return jax.lax.conv_general_dilated(
+  return conv_kernels.conv_general_dilated(
       x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def jax_conv_ops(shape):
-  """{op: thunk} for the forward, input gradient and weight gradient."""
+def jax_conv_ops(shape, onednn: bool):
+  """{op: thunk} for the forward, input gradient and weight gradient, with
+  XLA's convolution or the oneDNN kernel."""
+  with conv_kernels.use_kernel(onednn):
+    return _jax_conv_ops(shape)
+
+
+def _jax_conv_ops(shape):
   batch, height, width, cin, cout = shape
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(keys[0], (batch, height, width, cin))
   kernel = jax.random.normal(keys[1], (3, 3, cin, cout)) * 0.05
   grad = jax.random.normal(keys[2], (batch, height, width, cout))
-  forward = jax.jit(conv_nhwc)
-  input_grad = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv_nhwc(x, k), x)[1](g))
-  weight_grad = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv_nhwc(x, k), k)[1](g))
+  # Compiled here, so that the kernel choice of the caller applies.
+  forward = jax.jit(lambda x, k: conv_nhwc(x, k)).lower(x, kernel).compile()
+  input_grad = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv_nhwc(x, k), x)[1](g)
+                       ).lower(x, kernel, grad).compile()
+  weight_grad = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv_nhwc(x, k), k)[1](g)
+                        ).lower(x, kernel, grad).compile()
   return {
       "forward": lambda: jax.block_until_ready(forward(x, kernel)),
       "input grad": lambda: jax.block_until_ready(input_grad(x, kernel, grad)),
@@ -83,17 +95,19 @@ def median_ms(run, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
-def compare(name: str, ours: dict, theirs: dict, rounds: int, repeats: int) -> None:
-  for op in ours:
-    for run in (ours[op], theirs[op]):
-      run(), run()  # Compile and warm up.
-    jax_ms, torch_ms = [], []
+def compare(name: str, xla: dict, onednn: dict, theirs: dict, rounds: int,
+            repeats: int) -> None:
+  for op in theirs:
+    runs = (xla[op], onednn[op], theirs[op])
+    for run in runs:
+      run(), run()  # Warm up.
+    times = [[], [], []]
     for _ in range(rounds):
-      jax_ms.append(median_ms(ours[op], repeats))
-      torch_ms.append(median_ms(theirs[op], repeats))
-    jax_median, torch_median = np.median(jax_ms), np.median(torch_ms)
-    print(f"{name:<22} {op:<20} {jax_median:8.2f} {torch_median:8.2f} "
-          f"{torch_median / jax_median:6.2f}x", flush=True)
+      for run, record in zip(runs, times):
+        record.append(median_ms(run, repeats))
+    xla_ms, onednn_ms, torch_ms = (float(np.median(t)) for t in times)
+    print(f"{name:<22} {op:<12} {xla_ms:8.2f} {onednn_ms:8.2f} {torch_ms:8.2f} "
+          f"{torch_ms / xla_ms:6.2f}x {torch_ms / onednn_ms:6.2f}x", flush=True)
 
 
 def main() -> None:
@@ -108,12 +122,16 @@ def main() -> None:
   torch.set_num_threads(args.threads)
   print(f"device {jax.devices()[0].device_kind}, torch {torch.__version__} with "
         f"{args.threads} threads, malloc huge pages {huge_pages.enabled()}")
-  print(f"{'shape':<22} {'op':<20} {'jax ms':>8} {'torch ms':>8} {'ratio':>7}")
+  kernel_error = conv_kernels.kernel_error()
+  if kernel_error:
+    print(f"oneDNN kernel unavailable ({kernel_error}): its column repeats XLA's")
+  print(f"{'shape':<22} {'op':<12} {'xla ms':>8} {'onednn':>8} {'torch ms':>8} "
+        f"{'xla':>7} {'onednn':>7}   (ratios: torch ms / ours)")
   with torch.no_grad():
     for shape in CONV_SHAPES:
       name = "x".join(map(str, shape[1:4])) + f"->{shape[4]}"
-      compare(name, jax_conv_ops(shape), torch_conv_ops(torch, shape),
-              args.rounds, args.repeats)
+      compare(name, jax_conv_ops(shape, False), jax_conv_ops(shape, True),
+              torch_conv_ops(torch, shape), args.rounds, args.repeats)
 
 
 if __name__ == "__main__":
