@@ -17,7 +17,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -77,6 +76,17 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const ConvShape& s) {
       s.PadHi(), UserScratchpad());
 }
 
+// The two backward primitives take the same arguments, and the forward's
+// descriptor as a hint.
+template <typename Primitive>
+typename Primitive::primitive_desc BackwardDesc(
+    const ConvShape& s, const dnnl::convolution_forward::primitive_desc& fwd) {
+  return typename Primitive::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, s.Input(Tag::nhwc),
+      s.Kernel(Tag::any), s.Output(Tag::nhwc), s.Strides(), s.PadLo(),
+      s.PadHi(), fwd, UserScratchpad());
+}
+
 // One built convolution: its primitive, and the reorders that move the kernel
 // between HWIO and the primitive's own layout.
 struct Plan {
@@ -95,18 +105,12 @@ std::unique_ptr<Plan> BuildPlan(char kind, const ConvShape& s) {
     plan->kernel_desc = fwd.weights_desc();
     plan->scratch_desc = fwd.scratchpad_desc();
   } else if (kind == 'd') {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, s.Input(Tag::nhwc),
-        s.Kernel(Tag::any), s.Output(Tag::nhwc), s.Strides(), s.PadLo(),
-        s.PadHi(), fwd, UserScratchpad());
+    auto pd = BackwardDesc<dnnl::convolution_backward_data>(s, fwd);
     plan->conv = dnnl::convolution_backward_data(pd);
     plan->kernel_desc = pd.weights_desc();
     plan->scratch_desc = pd.scratchpad_desc();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, s.Input(Tag::nhwc),
-        s.Kernel(Tag::any), s.Output(Tag::nhwc), s.Strides(), s.PadLo(),
-        s.PadHi(), fwd, UserScratchpad());
+    auto pd = BackwardDesc<dnnl::convolution_backward_weights>(s, fwd);
     plan->conv = dnnl::convolution_backward_weights(pd);
     plan->kernel_desc = pd.diff_weights_desc();
     plan->scratch_desc = pd.scratchpad_desc();
@@ -214,36 +218,24 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return Run('w', s, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
 }
 
-template <typename Binding>
-auto WithGeometry(Binding binding) {
-  return std::move(binding)
-      .template Attr<int64_t>("stride_h")
-      .template Attr<int64_t>("stride_w")
-      .template Attr<int64_t>("pad_top")
-      .template Attr<int64_t>("pad_bottom")
-      .template Attr<int64_t>("pad_left")
-      .template Attr<int64_t>("pad_right");
+// All three handlers: two float32 buffers in, one out, and the geometry.
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w")
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_bottom")
+      .Attr<int64_t>("pad_left")
+      .Attr<int64_t>("pad_right");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LdmOnednnConvForward, Forward,
-    WithGeometry(ffi::Ffi::Bind()
-                     .Arg<ffi::Buffer<ffi::F32>>()
-                     .Arg<ffi::Buffer<ffi::F32>>()
-                     .Ret<ffi::Buffer<ffi::F32>>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LdmOnednnConvBackwardData, BackwardData,
-    WithGeometry(ffi::Ffi::Bind()
-                     .Arg<ffi::Buffer<ffi::F32>>()
-                     .Arg<ffi::Buffer<ffi::F32>>()
-                     .Ret<ffi::Buffer<ffi::F32>>()));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LdmOnednnConvBackwardWeights, BackwardWeights,
-    WithGeometry(ffi::Ffi::Bind()
-                     .Arg<ffi::Buffer<ffi::F32>>()
-                     .Arg<ffi::Buffer<ffi::F32>>()
-                     .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmOnednnConvForward, Forward, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmOnednnConvBackwardData, BackwardData,
+                              ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LdmOnednnConvBackwardWeights, BackwardWeights,
+                              ConvBinding());
