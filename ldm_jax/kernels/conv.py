@@ -38,7 +38,6 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -150,7 +149,9 @@ def enabled() -> bool:
 def use_kernel(on: bool):
   """Programs traced inside use the kernel (if it builds) or not, whatever
   the device count and `LDM_JAX_CONV`: for unsharded programs on one of
-  several devices (tests), or to count FLOPs without custom calls."""
+  several devices (tests), or to count FLOPs without custom calls. The
+  choice is made when a function is traced, and jit reuses its traces:
+  trace a new function inside, or `jax.clear_caches()` first."""
   previous = getattr(_override, "on", None)
   _override.on = on
   try:
