@@ -9,6 +9,12 @@ the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
+  round 16, as committed at 175e692 (VAE learning rate 2e-3; convolutions
+    on oneDNN, ldm_jax/kernels), trained end to end (runs/final12):
+    FID-512 113.0, FID-2k 73.5, VAE reconstruction FID-2k 34.7; 34.9 min
+    alone (VAE 7.5 + LDM 21.9 + samples 1.0 + FID 4.4). The same VAE
+    recipe trained with XLA's convolutions, then the main job on it:
+    112.8 / 73.9 (reconstruction 34.7).
   round 15, as committed at 9d78078 (the VAE trained 800 steps, one epoch,
     instead of 400), trained end to end (runs/final11): FID-512 115.7,
     FID-2k 75.3, VAE reconstruction FID-2k 39.6; the FIDs of v800 below to
