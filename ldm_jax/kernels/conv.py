@@ -1,8 +1,8 @@
 """2-D convolutions through oneDNN on a single-device CPU backend.
 
-XLA:CPU's own convolutions (Eigen) run at 0.6-0.87x of the oneDNN kernels
-that PyTorch uses on the same CPU, and their weight gradients lower still
-(bench/README.md, rounds 4 and 15): on this project's CPU recipe they were
+XLA:CPU's own convolutions (Eigen) ran at 0.52-0.87x of the oneDNN kernels
+that PyTorch uses on the same CPU, their weight gradients often lowest
+(bench/README.md, rounds 4, 15 and 16): on this project's CPU recipe they were
 most of the train step. `conv_general_dilated` has `lax.conv_general_dilated`'s
 signature, so it drops into `nnx.Conv(conv_general_dilated=...)` (parameters
 and checkpoints unchanged), and sends the convolutions oneDNN covers to the

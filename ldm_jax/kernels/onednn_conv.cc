@@ -143,8 +143,8 @@ std::vector<char>& ThreadBuffer(int which, size_t bytes) {
   return buffers[which];
 }
 
-// Runs one convolution. `map_in`/`map_out` are the NHWC arguments of the
-// primitive (src/dst, diff_dst/diff_src, or src/diff_dst), `kernel` the HWIO
+// Runs one convolution. `map_a`, `map_b` are the NHWC arguments of the
+// primitive (src, dst; diff_dst, diff_src; or src, diff_dst), `kernel` the HWIO
 // buffer, read or written depending on `kind`.
 ffi::Error Run(char kind, const ConvShape& s, void* map_a, void* map_b,
                void* kernel) {

@@ -154,7 +154,7 @@ class Downsample(nnx.Module):
 
   def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.conv = Conv(channels, channels, (3, 3), strides=(2, 2),
-                         dtype=dtype, rngs=rngs)
+                     dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(x)

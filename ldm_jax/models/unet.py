@@ -128,7 +128,7 @@ class UNet(nnx.Module):
           mlp_ratio=attention_mlp_ratio, dtype=dtype, rngs=rngs)
 
     self.conv_in = Conv(latent_shape[-1], widths[0], (3, 3), dtype=dtype,
-                            rngs=rngs)
+                        rngs=rngs)
     skip_widths = [widths[0]]
     in_ch = widths[0]
     down_levels = []

@@ -133,7 +133,7 @@ class VAE(nnx.Module):
 
     # Encoder.
     self.enc_in = Conv(image_channels, widths[0], (3, 3), dtype=dtype,
-                           rngs=rngs)
+                       rngs=rngs)
     enc_blocks, enc_downs = [], []
     in_ch = widths[0]
     for level, width in enumerate(widths):
@@ -155,7 +155,7 @@ class VAE(nnx.Module):
           in_ch, 2 * latent_channels, (3, 3), kernel_init=small_init,
           dtype=dtype, rngs=rngs)
       self.from_latent = Conv(latent_channels, in_ch, (3, 3),
-                                  dtype=dtype, rngs=rngs)
+                              dtype=dtype, rngs=rngs)
     else:
       self.to_moments = nnx.Linear(
           bottom_features, 2 * latent_dim, kernel_init=small_init,
@@ -178,7 +178,7 @@ class VAE(nnx.Module):
     self.dec_ups = nnx.List(dec_ups)
     self.dec_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
     self.dec_out = Conv(in_ch, image_channels, (3, 3), dtype=dtype,
-                            rngs=rngs)
+                        rngs=rngs)
 
   @property
   def latent_shape(self) -> tuple[int, ...]:
