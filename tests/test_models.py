@@ -192,6 +192,60 @@ def test_group_norm_folds_film_modulation():
   np.testing.assert_allclose(ours(x, (scale, shift)), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, groups", [((2, 4, 4, 8), 4), ((3, 5, 6), 3)])
+@pytest.mark.parametrize("film", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_gradient_matches_autodiff_of_the_reference(shape, groups, film, silu):
+  """The hand-written VJP against autodiff through nnx.GroupNorm, FiLM and
+  SiLU, for the map, both parameters and both FiLM inputs."""
+  ours, reference = _group_norm_pair(shape[-1], groups)
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(2.0 + 1.5 * rng.standard_normal(shape), jnp.float32)
+  batch, channels = shape[0], shape[-1]
+  film_in = tuple(jnp.asarray(0.5 * rng.standard_normal((batch, channels)), jnp.float32)
+                  for _ in range(2))
+  cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  expand = lambda v: v.reshape((batch,) + (1,) * (len(shape) - 2) + (channels,))
+
+  def loss(module, params, x, film_scale, film_shift, ours_call):
+    graphdef = nnx.graphdef(module)
+    merged = nnx.merge(graphdef, params)
+    if ours_call:
+      out = merged(x, (film_scale, film_shift) if film else None, silu=silu)
+    else:
+      out = merged(x)
+      if film:
+        out = out * (1 + expand(film_scale)) + expand(film_shift)
+      out = jax.nn.silu(out) if silu else out
+    return jnp.sum(out * cotangent)
+
+  grads = {}
+  for name, module, ours_call in (("ours", ours, True), ("ref", reference, False)):
+    params = nnx.state(module)
+    grads[name] = jax.grad(loss, argnums=(1, 2, 3, 4))(module, params, x, *film_in, ours_call)
+  (ours_params, *ours_rest), (ref_params, *ref_rest) = grads["ours"], grads["ref"]
+  for got, want in zip(ours_rest, ref_rest):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+  for name in ("scale", "bias"):
+    want = ref_params[name].value
+    np.testing.assert_allclose(ours_params[name].value, want, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(want).max()))
+  if not film:  # No FiLM: its inputs get no gradient at all.
+    assert not np.any(ours_rest[1]) and not np.any(ours_rest[2])
+
+
+def test_group_norm_gradient_keeps_the_input_dtype_under_bfloat16():
+  ours, _ = _group_norm_pair(8, 4, dtype=jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 3, 3, 8)), jnp.bfloat16)
+  graphdef, params = nnx.split(ours)
+  grad_params, grad_x = jax.grad(
+      lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, silu=True).astype(jnp.float32)),
+      argnums=(0, 1))(params, x)
+  assert grad_x.dtype == jnp.bfloat16
+  assert grad_params["scale"].value.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(grad_x, np.float32)))
+
+
 def test_group_norm_statistics_stay_float32_under_bfloat16():
   ours, reference = _group_norm_pair(8, 4, dtype=jnp.bfloat16)
   # A large offset: bf16 statistics would lose the spread around it.

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from ldm_jax.kernels import conv as conv_kernels
 
@@ -70,23 +71,128 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
   raise ValueError(f"channels must be positive, got {channels}")
 
 
+def _sum_positions(values: jax.Array) -> jax.Array:
+  """(B, ..., C) -> (B, C). XLA:CPU sums the positions of an NHWC map fast
+  (YNNPACK's reduce); one reduction over positions and group channels
+  together, as `nnx.GroupNorm` writes it, was 3-14x slower (round 8)."""
+  return values.reshape(values.shape[0], -1, values.shape[-1]).sum(axis=1)
+
+
+def _sum_groups(per_channel: jax.Array, num_groups: int) -> jax.Array:
+  """(B, C) -> (B, groups): the sum over each group's channels."""
+  batch, channels = per_channel.shape
+  return per_channel.reshape(batch, num_groups, channels // num_groups).sum(-1)
+
+
+def _each_channel(per_group: jax.Array, channels: int) -> jax.Array:
+  """(B, groups) -> (B, C): each group's value for each of its channels."""
+  return jnp.repeat(per_group, channels // per_group.shape[1], axis=1)
+
+
+def _over_map(per_channel: jax.Array, ndim: int) -> jax.Array:
+  """(B, C) -> (B, 1, ..., 1, C), broadcastable against a (B, ..., C) map."""
+  return per_channel.reshape(
+      (per_channel.shape[0],) + (1,) * (ndim - 2) + (per_channel.shape[1],))
+
+
+def _group_norm_forward(x, scale, bias, film_scale, film_shift, num_groups,
+                        epsilon, silu):
+  """Float32 result and what the backward pass needs; see `group_norm_act`."""
+  x = x.astype(jnp.float32)
+  channels = x.shape[-1]
+  count = x.size // x.shape[0] // num_groups
+  mean = _sum_groups(_sum_positions(x), num_groups) / count
+  var = jnp.maximum(
+      _sum_groups(_sum_positions(jnp.square(x)), num_groups) / count
+      - jnp.square(mean), 0.0)
+  inv_std = lax.rsqrt(var + epsilon)
+  # The normalisation, scale, bias and FiLM fold into one per-example,
+  # per-channel affine map a = x * gain + offset: one pass over the map.
+  film_gain = 1.0 + film_scale                     # (B, C)
+  gain = _each_channel(inv_std, channels) * scale * film_gain
+  offset = ((bias - _each_channel(mean * inv_std, channels) * scale) * film_gain
+            + film_shift)
+  a = x * _over_map(gain, x.ndim) + _over_map(offset, x.ndim)
+  out = a * jax.nn.sigmoid(a) if silu else a
+  return out, (mean, inv_std, gain, offset, film_gain)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def group_norm_act(x, scale, bias, film_scale, film_shift, num_groups: int,
+                   epsilon: float, silu: bool, dtype):
+  """GroupNorm over the last axis of x (B, ..., C), then FiLM, then SiLU.
+
+  silu((normalised x * scale + bias) * (1 + film_scale) + film_shift), with
+  `film_scale` and `film_shift` (B, C) (zeros for none) and the statistics,
+  in float32, over each example's positions and group channels; the result
+  is cast to `dtype`. Its gradient is written out rather than derived by
+  autodiff: per (example, channel), two sums over the positions (of the
+  incoming gradient and of its product with x) give every parameter's
+  gradient and the three coefficients of dx = p * da + q * x + r, so the
+  backward pass reads the map twice. The derived one built many more
+  map-sized intermediates; the issue-8 UNet step ran 2-4 % faster with this
+  one (bench/README.md, round 17).
+  """
+  out, _ = _group_norm_forward(x, scale, bias, film_scale, film_shift,
+                               num_groups, epsilon, silu)
+  return out.astype(dtype)
+
+
+def _group_norm_act_fwd(x, scale, bias, film_scale, film_shift, num_groups,
+                        epsilon, silu, dtype):
+  out, stats = _group_norm_forward(x, scale, bias, film_scale, film_shift,
+                                   num_groups, epsilon, silu)
+  return out.astype(dtype), (x, scale, bias, film_scale) + stats
+
+
+def _group_norm_act_bwd(num_groups, epsilon, silu, dtype, residuals, d_out):
+  del epsilon, dtype
+  x, scale, bias, film_scale, mean, inv_std, gain, offset, film_gain = residuals
+  x32, d_out = x.astype(jnp.float32), d_out.astype(jnp.float32)
+  channels = x.shape[-1]
+  count = x.size // x.shape[0] // num_groups
+  if silu:  # Recomputed: cheaper than keeping a second map-sized residual.
+    a = x32 * _over_map(gain, x.ndim) + _over_map(offset, x.ndim)
+    sig = jax.nn.sigmoid(a)
+    d_a = d_out * (sig * (1.0 + a * (1.0 - sig)))
+  else:
+    d_a = d_out
+  sum_d = _sum_positions(d_a)                                     # (B, C)
+  mean_c, inv_std_c = (_each_channel(v, channels) for v in (mean, inv_std))
+  # The sum of d_a times the normalised x, from the sum of d_a times x.
+  sum_d_xhat = inv_std_c * (_sum_positions(d_a * x32) - mean_c * sum_d)
+  d_film_shift = sum_d
+  d_film_scale = scale * sum_d_xhat + bias * sum_d
+  d_bias = jnp.sum(film_gain * sum_d, axis=0)
+  d_scale = jnp.sum(film_gain * sum_d_xhat, axis=0)
+  # d xhat = d_a * k; dx = inv_std * (d xhat - group mean of d xhat
+  #                                   - xhat * group mean of d xhat * xhat).
+  k = scale * film_gain
+  mean_dxhat = _each_channel(_sum_groups(k * sum_d, num_groups) / count, channels)
+  mean_dxhat_xhat = _each_channel(
+      _sum_groups(k * sum_d_xhat, num_groups) / count, channels)
+  p = inv_std_c * k
+  q = -jnp.square(inv_std_c) * mean_dxhat_xhat
+  r = inv_std_c * (inv_std_c * mean_dxhat_xhat * mean_c - mean_dxhat)
+  dx = (d_a * _over_map(p, x.ndim) + x32 * _over_map(q, x.ndim)
+        + _over_map(r, x.ndim))
+  return dx.astype(x.dtype), d_scale, d_bias, d_film_scale, d_film_shift
+
+
+group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
+
+
 class GroupNorm(nnx.Module):
   """Group normalisation over the channel (last) axis of (B, ..., C) maps.
 
   The parameters (`scale`, `bias`, float32) and the result are those of
   `nnx.GroupNorm` with its default fast variance (E[x^2] - E[x]^2), to float32
-  rounding. Two things differ in how it is computed, both for speed on XLA:CPU
-  (bench/README.md, round 8):
-    * each statistic is a sum over the positions, giving (B, C), then a sum
-      over the channels of each group. XLA:CPU sums the positions of an
-      NHWC map fast (YNNPACK's reduce); the one reduction over positions and
-      group channels together that `nnx.GroupNorm` writes was 3-14x slower.
-    * the normalisation is one per-example, per-channel affine map, so the
-      element-wise pass over the map only broadcasts (B, C) arrays. An
-      optional FiLM `modulation` (scale, shift), each (B, C), folds into
-      that map instead of costing two more passes.
-  Statistics and the affine map run in float32 whatever `dtype` is; the
-  result is cast to `dtype`.
+  rounding. It is computed by `group_norm_act`, for speed on XLA:CPU: the
+  statistics as sums over positions, then over group channels; the
+  normalisation as one per-example, per-channel affine map, into which an
+  optional FiLM `modulation` (scale, shift), each (B, C), and an optional
+  SiLU fold; and a hand-written gradient. Statistics and the affine map run
+  in float32 whatever `dtype` is; the result is cast to `dtype`.
   """
 
   def __init__(self, channels: int, *, num_groups: int, epsilon: float = 1e-6,
@@ -105,33 +211,17 @@ class GroupNorm(nnx.Module):
 
   def __call__(
       self, x: jax.Array,
-      modulation: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """Normalised x; with `modulation=(s, t)`, normalised x * (1 + s) + t."""
-    batch, channels = x.shape[0], x.shape[-1]
-    group_size = channels // self.num_groups
-    x32 = x.astype(jnp.float32)
-    rows = x32.reshape(batch, -1, channels)
-    count = rows.shape[1] * group_size
-
-    def group_mean(values):  # (B, positions, C) -> (B, groups)
-      per_channel = values.sum(axis=1)
-      return per_channel.reshape(batch, self.num_groups, group_size).sum(-1) / count
-
-    mean = group_mean(rows)
-    var = jnp.maximum(group_mean(jnp.square(rows)) - jnp.square(mean), 0.0)
-    inv_std = jax.lax.rsqrt(var + self.epsilon)
-    # (B, groups) -> (B, C): each group's statistic for each of its channels.
-    mean = jnp.repeat(mean, group_size, axis=1)
-    gain = jnp.repeat(inv_std, group_size, axis=1) * self.scale[...]
-    offset = jnp.broadcast_to(self.bias[...], gain.shape)
-    if modulation is not None:
+      modulation: tuple[jax.Array, jax.Array] | None = None, *,
+      silu: bool = False) -> jax.Array:
+    """Normalised x; with `modulation=(s, t)`, normalised x * (1 + s) + t;
+    with `silu`, SiLU of that."""
+    if modulation is None:
+      film_scale = film_shift = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
+    else:
       film_scale, film_shift = (m.astype(jnp.float32) for m in modulation)
-      gain = gain * (1.0 + film_scale)
-      offset = offset * (1.0 + film_scale) + film_shift
-    per_channel = (batch,) + (1,) * (x.ndim - 2) + (channels,)
-    out = ((x32 - mean.reshape(per_channel)) * gain.reshape(per_channel)
-           + offset.reshape(per_channel))
-    return out.astype(self.dtype)
+    return group_norm_act(x, self.scale[...], self.bias[...], film_scale,
+                          film_shift, self.num_groups, self.epsilon, silu,
+                          self.dtype)
 
 
 def group_norm(channels: int, *, dtype=jnp.float32,
@@ -211,14 +301,14 @@ class ResBlock(nnx.Module):
         if in_channels != out_channels else None)
 
   def __call__(self, x: jax.Array, emb: jax.Array | None = None) -> jax.Array:
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = self.conv1(self.norm1(x, silu=True))
     modulation = None
     if self.emb_proj is not None:
       if emb is None:
         raise ValueError("this ResBlock was built with emb_dim; pass emb")
       modulation = tuple(
           jnp.split(self.emb_proj(jax.nn.silu(emb)), 2, axis=-1))
-    h = jax.nn.silu(self.norm2(h, modulation))
+    h = self.norm2(h, modulation, silu=True)
     if self.dropout is not None:
       h = self.dropout(h)
     h = self.conv2(h)

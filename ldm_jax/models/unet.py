@@ -217,5 +217,5 @@ class UNet(nnx.Module):
 
     # float32 out whatever the compute dtype: the loss and the samplers'
     # arithmetic stay in full precision.
-    out = self.conv_out(jax.nn.silu(self.out_norm(h)))
+    out = self.conv_out(self.out_norm(h, silu=True))
     return out.astype(jnp.float32)

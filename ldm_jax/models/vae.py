@@ -200,7 +200,7 @@ class VAE(nnx.Module):
         h = block(h)
       if level < len(self.enc_downs):
         h = self.enc_downs[level](h)
-    h = jax.nn.silu(self.enc_norm(self.enc_mid(h)))
+    h = self.enc_norm(self.enc_mid(h), silu=True)
     if self.latent == "vector":
       h = h.reshape(h.shape[0], -1)
     # The posterior, its sample and the KL are float32 at any compute dtype.
@@ -220,7 +220,7 @@ class VAE(nnx.Module):
         h = block(h)
       if level < len(self.dec_ups):
         h = self.dec_ups[level](h)
-    out = self.dec_out(jax.nn.silu(self.dec_norm(h)))
+    out = self.dec_out(self.dec_norm(h, silu=True))
     return out.astype(jnp.float32)
 
   def __call__(
