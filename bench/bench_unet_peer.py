@@ -87,7 +87,7 @@ def jax_without(component: str | None):
   """Our layers with `component` replaced by the identity while a step is traced."""
   targets = {"groupnorm": (layers.GroupNorm, lambda self, x, *a, **k: x),
              "attention": (layers.AttentionBlock, lambda self, x, *a, **k: x),
-             "dropout": (nnx.Dropout, lambda self, x, *a, **k: x)}
+             "dropout": (layers.Dropout, lambda self, x, *a, **k: x)}
   if component not in targets:  # None, or a component removed when the model is built.
     yield
     return

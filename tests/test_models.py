@@ -22,7 +22,8 @@ from ldm_jax.models import (
     DENOISERS, MLPDenoiser, UNet, VAE, gaussian_kl, make_denoiser, psnr,
     reconstruction_loss)
 from ldm_jax.models.layers import (
-    AttentionBlock, GroupNorm, num_groups_for, pointwise_conv, timestep_embedding)
+    AttentionBlock, Dropout, GroupNorm, dropout_keep_mask, num_groups_for,
+    pointwise_conv, timestep_embedding)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -258,6 +259,62 @@ def test_group_norm_statistics_stay_float32_under_bfloat16():
                              atol=0.05)
   np.testing.assert_allclose(out.astype(jnp.float32),
                              reference(x).astype(jnp.float32), atol=0.05)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_keep_mask_rate_and_independence(rate):
+  shape = (16, 8, 8, 32)  # 32,768 elements
+  masks = [np.asarray(dropout_keep_mask(jax.random.key(k), shape, rate))
+           for k in range(3)]
+  keep = 1.0 - rate
+  tolerance = 4 * np.sqrt(keep * rate / masks[0].size)  # 4 standard errors
+  for mask in masks:
+    assert mask.shape == shape and mask.dtype == bool
+    assert abs(mask.mean() - keep) < tolerance
+  # Independent across keys: two masks agree as often as two independent
+  # Bernoulli draws would.
+  agreement = (masks[0] == masks[1]).mean()
+  assert abs(agreement - (keep ** 2 + rate ** 2)) < 2 * tolerance
+  # ... and across neighbouring elements (consecutive indices), along the
+  # channels and along the batch.
+  flat = masks[2].reshape(-1).astype(np.float64)
+  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.03
+  per_example = masks[2].reshape(shape[0], -1).astype(np.float64)
+  assert abs(np.corrcoef(per_example[0], per_example[1])[0, 1]) < 0.1
+
+
+def test_dropout_keep_mask_is_the_same_when_sharded():
+  mesh = parallel.make_mesh()
+  shape = (len(mesh.devices.flat) * 2, 4, 4, 8)
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS))
+  make = lambda key: dropout_keep_mask(key, shape, 0.3)
+  key = jax.random.key(3)
+  sharded = jax.jit(make, out_shardings=sharding)(key)
+  assert len(sharded.sharding.device_set) == len(mesh.devices.flat)
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.jit(make)(key)))
+
+
+def test_dropout_scales_kept_values_and_keeps_nnx_state():
+  x = jnp.arange(1.0, 4097.0).reshape(4, 32, 32)
+  ours = Dropout(0.25, rngs=nnx.Rngs(dropout=4))
+  reference = nnx.Dropout(0.25, rngs=nnx.Rngs(dropout=4))
+  assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(reference))
+  out = np.asarray(ours(x, deterministic=False))
+  kept = out != 0
+  np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert 0.7 < kept.mean() < 0.8
+  again = np.asarray(ours(x, deterministic=False))  # The stream advances.
+  assert (again != out).any()
+  np.testing.assert_array_equal(ours(x, deterministic=True), x)
+  np.testing.assert_array_equal(Dropout(0.0, rngs=nnx.Rngs(0))(x, deterministic=False), x)
+  np.testing.assert_array_equal(Dropout(1.0, rngs=nnx.Rngs(0))(x, deterministic=False), 0 * x)
+  # broadcast_dims share one mask along those axes.
+  shared = np.asarray(Dropout(0.5, broadcast_dims=(1,), rngs=nnx.Rngs(1))(
+      x, deterministic=False)) != 0
+  assert (shared == shared[:, :1, :]).all()
+  with pytest.raises(ValueError, match="deterministic"):
+    Dropout(0.5, deterministic=None, rngs=nnx.Rngs(0))(x)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ldm_jax.models.layers import small_init, timestep_embedding
+from ldm_jax.models.layers import Dropout, small_init, timestep_embedding
 
 
 class MLPBlock(nnx.Module):
@@ -28,7 +28,7 @@ class MLPBlock(nnx.Module):
     self.emb_proj = nnx.Linear(emb_dim, hidden_dim, dtype=dtype, rngs=rngs)
     # Built even at rate 0 so `nnx.view(model, deterministic=...)` always
     # finds the switch it sets.
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = Dropout(dropout, rngs=rngs)
     self.dense_out = nnx.Linear(hidden_dim, hidden_dim, dtype=dtype,
                                 rngs=rngs)
 
