@@ -74,7 +74,8 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
 def _sum_positions(values: jax.Array) -> jax.Array:
   """(B, ..., C) -> (B, C). XLA:CPU sums the positions of an NHWC map fast
   (YNNPACK's reduce); one reduction over positions and group channels
-  together, as `nnx.GroupNorm` writes it, was 3-14x slower (round 8)."""
+  together, as `nnx.GroupNorm` writes it, was 3-14x slower (bench/README.md,
+  round 8)."""
   return values.reshape(values.shape[0], -1, values.shape[-1]).sum(axis=1)
 
 
