@@ -9,6 +9,10 @@ the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
+  round 17, the same recipe at 4e9f240 (GroupNorm's gradient by hand,
+    dropout masks by hash), trained end to end again (runs/final13):
+    FID-512 113.3, FID-2k 73.2, VAE reconstruction FID-2k 34.6; 35.0 min
+    alone (VAE 7.1 + LDM 22.5 + samples 1.1 + FID 4.2).
   round 16, as committed at 175e692 (VAE learning rate 2e-3; convolutions
     on oneDNN, ldm_jax/kernels), trained end to end (runs/final12):
     FID-512 113.0, FID-2k 73.5, VAE reconstruction FID-2k 34.7; 34.9 min
