@@ -109,7 +109,8 @@ def get_config():
   # stays under the hour on all three (with round 15's 800-step VAE, about
   # 57 min on round 8's).
   # Batch 128 at the same wall time (2,150 steps; it runs more images per
-  # second here) tied: 111.3 / 73.6 against 113.3 / 73.2 (round 17).
+  # second here) tied: 111.3 / 73.6 against 113.3 / 73.2, and 112.8 / 73.1
+  # at lr 8e-3 (round 17).
   ldm.train.update(batch_size=64, num_steps=3_500, eval_every=3_500, checkpoint_every=700,
                    log_every=50)
   # Learning rate ranked at 1,000 steps (equal cost, FID-512): 1e-3 172.7,
