@@ -2,11 +2,13 @@
 
   python sample.py --workdir=runs/ldm --out=out --num_samples=512 \
       [--sampler=dpm_solver --steps=20 --guidance=2.0 --clip_x0=3] [--classes=3,17,apple] [--fid]
+      [--autoguidance=2 --guide_step=700]
 
 The sampler flags default to the run's own sampler, the `eval` section of its
-config (sampler, sample_steps, guidance, clip_x0): for the main job's W/ldm,
+config (sampler, sample_steps, guidance, clip_x0, autoguidance, guide_step): for the main job's W/ldm,
 the settings its samples and FID were made with (for configs/cifar100_cpu.py,
-dpm_solver-20, w=10, clip 3, chosen by the table in docs/results.md).
+dpm_solver-10, w=5, autoguidance 2 by the run's step 700, clip 3, chosen by
+the tables in docs/results.md).
 
 Writes, under --out:
   generated_samples/   one PNG per image, named <index>_<class name>.png
@@ -43,6 +45,11 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance weigh
 _CLIP_X0 = flags.DEFINE_float("clip_x0", None, "Clip every x0 estimate of the sampler to "
                               "[-C, C] in unit-std latent units; 0: no clipping"
                               + _RUNS_OWN.format("clip_x0"))
+_AUTOGUIDANCE = flags.DEFINE_float(
+    "autoguidance", None, "Weight of the autoguidance term (1: off), guided by checkpoint "
+    "--guide_step of the same run" + _RUNS_OWN.format("autoguidance"))
+_GUIDE_STEP = flags.DEFINE_integer("guide_step", None, "Checkpoint step whose model guides"
+                                   + _RUNS_OWN.format("guide_step"))
 _CLASSES = flags.DEFINE_list("classes", None,
                              "Class ids or names to sample (default: all, balanced).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same images, on any device count.")
@@ -69,13 +76,14 @@ def main(argv):
       _WORKDIR.value, _OUT.value, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
       steps=_STEPS.value, guidance=_GUIDANCE.value, classes=_CLASSES.value, seed=_SEED.value,
       batch_size=_BATCH_SIZE.value, eta=_ETA.value, clip_x0=_CLIP_X0.value, step=_STEP.value,
-      use_ema=_USE_EMA.value,
+      use_ema=_USE_EMA.value, autoguidance=_AUTOGUIDANCE.value, guide_step=_GUIDE_STEP.value,
       grid_per_class=_GRID_PER_CLASS.value, grid_classes=_GRID_CLASSES.value, fid=_FID.value,
       fid_weights=_FID_WEIGHTS.value, fid_reference=_FID_REFERENCE.value,
       data_dir=_DATA_DIR.value)
   used = result["sampler"]
   print(f"wrote {result['num_samples']} samples to {_OUT.value} ({used['sampler']}, "
-        f"{used['num_steps']} steps, guidance {used['guidance']}, clip_x0 {used['clip_x0']})")
+        f"{used['num_steps']} steps, guidance {used['guidance']}, clip_x0 {used['clip_x0']}, "
+        f"autoguidance {used['autoguidance']} by step {used['guide_step']})")
   for key, value in result.items():
     if key.startswith("FID"):
       print(f"{key} (against the train statistics): {value:.3f}")

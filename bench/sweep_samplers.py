@@ -6,7 +6,9 @@
       --settings=dpm_solver-20@0,dpm_solver-20@1,dpm_solver-20@3,dpm_solver-20@5
 
 Each setting is SAMPLER-STEPS@GUIDANCE, optionally /clipC to clip every x0
-estimate to [-C, C] (e.g. dpm_solver-20@2/clip3). The same class-balanced labels and
+estimate to [-C, C] (e.g. dpm_solver-20@2/clip3), and /autoA@S for
+autoguidance of weight A by the run's checkpoint S (e.g.
+dpm_solver-10@5/clip3/auto2@700). The same class-balanced labels and
 seed are used for every setting; images/s counts sampling and decoding only,
 after a first batch that compiles (not timed; with --nowarmup, compiling is
 counted too). Prints one markdown table row per setting, with FID-N against
@@ -47,12 +49,16 @@ flags.mark_flags_as_required(["workdir", "reference"])
 
 
 def parse_setting(text: str) -> sampling.SamplerSettings:
+  text, _, auto = text.partition("/auto")
   text, _, clip = text.partition("/clip")
   sampler_steps, guidance = text.split("@")
   sampler, steps = sampler_steps.rsplit("-", 1)
+  weight, guide_step = auto.split("@") if auto else ("1", None)
   return sampling.SamplerSettings(sampler=sampler, num_steps=int(steps),
                                   guidance=float(guidance),
-                                  clip_x0=float(clip) if clip else None)
+                                  clip_x0=float(clip) if clip else None,
+                                  autoguidance=float(weight),
+                                  guide_step=None if guide_step is None else int(guide_step))
 
 
 def main(argv):
@@ -69,10 +75,14 @@ def main(argv):
   model = reference_lib.cached_model()
   mu_ref, sigma_ref, _ = fid_lib.load_statistics(_REFERENCE.value)
   batch = _BATCH_SIZE.value
-  print(f"| sampler | steps | w | clip x0 | FID-{_NUM_SAMPLES.value} | images/s |")
-  print("|---|---|---|---|---|---|")
+  print(f"| sampler | steps | w | clip x0 | autoguidance | FID-{_NUM_SAMPLES.value} | images/s |")
+  print("|---|---|---|---|---|---|---|")
   for text, setting in zip(texts, settings):
     decoder = stage.decoder(graphdef)
+    guide_params = None
+    if setting.guide_step is not None:
+      _, _, guide_state = runs.load_run(_WORKDIR.value, setting.guide_step, mesh=mesh)
+      guide_params = guide_state.eval_params() if _EMA.value else guide_state.params
     resume_dir = None
     if _RESUME_DIR.value:
       # The weights are part of what made the batches: the path names the run and step.
@@ -82,17 +92,20 @@ def main(argv):
       done = 0
     if _WARMUP.value:  # Compile (and warm) on one batch, then time the whole set.
       sampling.generate(decoder, setting, params, state.rest, state.frozen, labels[:batch],
-                        seed=1, batch_size=batch, mesh=mesh)
+                        seed=1, batch_size=batch, mesh=mesh, guide_params=guide_params)
     start = time.perf_counter()
     images = sampling.generate(decoder, setting, params, state.rest, state.frozen, labels,
-                               seed=0, batch_size=batch, mesh=mesh, resume_dir=resume_dir)
+                               seed=0, batch_size=batch, mesh=mesh, resume_dir=resume_dir,
+                               guide_params=guide_params)
     sampled = len(images) - min(len(images), done * batch)
     speed = sampled / (time.perf_counter() - start) if sampled else float("nan")
     mu, sigma = model.statistics(images, progress=False)
     value = fid_lib.frechet_distance(mu, sigma, mu_ref, sigma_ref)
     steps = 1000 if setting.sampler == "ddpm" else setting.num_steps
     clip = "-" if setting.clip_x0 is None else f"{setting.clip_x0:g}"
-    print(f"| {setting.sampler} | {steps} | {setting.guidance:g} | {clip} | {value:.1f} "
+    auto = ("-" if setting.guide_step is None
+            else f"{setting.autoguidance:g} by step {setting.guide_step}")
+    print(f"| {setting.sampler} | {steps} | {setting.guidance:g} | {clip} | {auto} | {value:.1f} "
           f"| {speed:.1f} |",
           flush=True)
 

@@ -11,6 +11,8 @@ from ldm_jax import pipeline
 
 def get_config():
   config = pipeline.base_pipeline_config(tiny_vae.get_config(), tiny_ldm.get_config())
-  config.sample.update(num_samples=16, steps=3, batch_size=16, clip_x0=4.0)
+  # Autoguidance as configs/cifar100_cpu.py samples, by step 5 of the 20.
+  config.sample.update(num_samples=16, steps=3, batch_size=16, clip_x0=4.0, autoguidance=2.0,
+                       guide_step=5)
   config.fid.update(sample_counts=(8, 16), vae_reconstructions=16, batch_size=16)
   return config

@@ -8,7 +8,8 @@ One checkpoint step holds three items:
   data    the grain iterator state of each process (one file per process),
           so a resumed run reads the very batches it would have read, also
           on another number of processes (see `_DataIteratorHandler`).
-The manager keeps the latest `keep` steps plus the one with the lowest eval loss.
+The manager keeps the latest `keep` steps plus the one with the lowest eval loss,
+and every step in `keep_steps`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -89,12 +91,13 @@ class Checkpointer:
   """A `CheckpointManager` over `directory` with the items above."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
-               read_only: bool = False):
+               keep_steps: Sequence[int] = (), read_only: bool = False):
     self.directory = epath.Path(directory).absolute()
     if read_only and not self.directory.exists():
       raise FileNotFoundError(f"no checkpoint directory at {self.directory}")
     preservation = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.CustomSteps(steps=list(keep_steps)),
         checkpoint_managers.BestN(
             get_metric_fn=lambda metrics: metrics[BEST_METRIC],
             reverse=True,  # Sorted high to low; the last (lowest) one is kept.

@@ -27,6 +27,7 @@ RESUMABLE_KEYS = (
     "train.eval_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.keep_steps",
     "train.progress_bar",
     "optim.learning_rate",
     "train.compute_dtype",  # Parameters are float32 either way.
@@ -54,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 5_000
   config.train.checkpoint_every = 5_000
   config.train.keep_checkpoints = 3  # Latest N; the best by eval loss is kept too.
+  # Steps saved as well and never deleted, e.g. the guide of autoguidance
+  # (sampling.SamplerSettings.guide_step), an earlier state of the same run.
+  config.train.keep_steps = ()
   config.train.progress_bar = True
   config.train.compute_dtype = "float32"  # "bfloat16": mixed precision, float32 params.
 

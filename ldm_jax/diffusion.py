@@ -278,20 +278,34 @@ def diffusion_loss(schedule: Schedule, model_fn: ModelFn, x0: jax.Array,
 
 def guided_model_fn(
     model_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-    labels: jax.Array, null_label: int, guidance: float) -> ModelFn:
-  """Classifier-free guidance (Ho & Salimans 2022) as a plain `model_fn`.
+    labels: jax.Array, null_label: int, guidance: float, *,
+    guide_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+    autoguidance: float = 1.0) -> ModelFn:
+  """Classifier-free guidance (Ho & Salimans 2022), optionally with
+  autoguidance (Karras et al. 2024), as a plain `model_fn`.
 
-  out = uncond + guidance * (cond - uncond). The formula is linear in the
-  output, so it is valid for eps and v networks alike.
+    out = cond + (guidance - 1) (cond - uncond)
+               + (autoguidance - 1) (cond - guide)
+
+  where cond and uncond are `model_fn` with the labels and with the null
+  label, and guide is `guide_fn` with the labels: a weaker model of the
+  same task (here an earlier checkpoint of the same run), whose errors the
+  second term steers away from. autoguidance = 1 is plain classifier-free
+  guidance, uncond + guidance (cond - uncond). Every term is linear in the
+  outputs, so the formula holds for eps and v networks alike.
 
   Args:
     model_fn: `model_fn(x_t, t, labels) -> output`, trained with label dropout
       to `null_label`.
     labels: int (B,) class labels to condition on.
     null_label: the label that means "no class".
-    guidance: the weight w. 1 is the plain conditional model and 0 the
-      unconditional one, each with a single call at batch size B; any other
-      weight makes one call at batch size 2B.
+    guidance: the classifier-free weight w. 1 is the plain conditional model
+      and 0 the unconditional one, each with a single call at batch size B
+      (without autoguidance); any other weight makes one call at batch size
+      2B.
+    guide_fn: `guide_fn(x_t, t, labels) -> output`, needed when
+      `autoguidance` is not 1; one more call at batch size B.
+    autoguidance: the weight of the guide term; 1 turns it off.
 
   Returns:
     `fn(x_t, t) -> guided output`.
@@ -301,10 +315,13 @@ def guided_model_fn(
   except (TypeError, jax.errors.ConcretizationTypeError):
     weight = None  # A traced weight: always take the general path.
   null_labels = jnp.full_like(labels, null_label)
-  if weight == 1.0:
-    return lambda x_t, t: model_fn(x_t, t, labels)
-  if weight == 0.0:
-    return lambda x_t, t: model_fn(x_t, t, null_labels)
+  if autoguidance != 1.0 and guide_fn is None:
+    raise ValueError(f"autoguidance={autoguidance} needs a guide_fn")
+  if autoguidance == 1.0:
+    if weight == 1.0:
+      return lambda x_t, t: model_fn(x_t, t, labels)
+    if weight == 0.0:
+      return lambda x_t, t: model_fn(x_t, t, null_labels)
 
   def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
     # (B, ...) x 2 -> (2B, ...) as a0 b0 a1 b1 ... rather than a concat: with
@@ -312,12 +329,22 @@ def guided_model_fn(
     # stay on that device, so guidance adds no cross-device traffic.
     return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
 
-  def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
+  def classifier_free(x_t: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cond, cond + (guidance - 1) (cond - uncond))."""
+    if weight == 1.0:
+      cond = model_fn(x_t, t, labels)
+      return cond, cond
     out = model_fn(interleave(x_t, x_t), interleave(t, t),
                    interleave(labels, null_labels))
     out = out.reshape((x_t.shape[0], 2) + out.shape[1:])
     cond, uncond = out[:, 0], out[:, 1]
-    return uncond + guidance * (cond - uncond)
+    return cond, uncond + guidance * (cond - uncond)
+
+  def guided(x_t: jax.Array, t: jax.Array) -> jax.Array:
+    cond, out = classifier_free(x_t, t)
+    if autoguidance != 1.0:
+      out = out + (autoguidance - 1.0) * (cond - guide_fn(x_t, t, labels))
+    return out
 
   return guided
 

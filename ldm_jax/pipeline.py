@@ -60,6 +60,11 @@ def base_pipeline_config(vae_config: ml_collections.ConfigDict,
       guidance=2.0,
       # x0 clipping in the sampler (sampling.SamplerSettings.clip_x0); None: off.
       clip_x0=ml_collections.config_dict.placeholder(float),
+      # Autoguidance (diffusion.guided_model_fn): the guide term's weight (1:
+      # off) and the LDM checkpoint step that guides, which the LDM stage then
+      # keeps (train.keep_steps).
+      autoguidance=1.0,
+      guide_step=ml_collections.config_dict.placeholder(int),
       use_ema=True,
       batch_size=250,
       seed=0,
@@ -93,7 +98,12 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str
       # samples will look like, and sample.py on W/ldm defaults to it.
       settings = config.sample
       stage_config.eval.update(sampler=settings.sampler, sample_steps=settings.steps,
-                               guidance=settings.guidance, clip_x0=settings.clip_x0)
+                               guidance=settings.guidance, clip_x0=settings.clip_x0,
+                               autoguidance=settings.autoguidance,
+                               guide_step=settings.guide_step)
+      if settings.guide_step is not None:
+        keep = set(stage_config.train.get("keep_steps", ())) | {settings.guide_step}
+        stage_config.train.keep_steps = tuple(sorted(keep))
     out.append((name, os.path.join(workdir, name), stage_config))
   return out
 
@@ -124,7 +134,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
       raise ValueError(f"{name}_stage.train.batch_size: {error}") from None
   settings = config.sample
   sampling.SamplerSettings(sampler=settings.sampler, num_steps=settings.steps,
-                           guidance=settings.guidance, clip_x0=settings.clip_x0)
+                           guidance=settings.guidance, clip_x0=settings.clip_x0,
+                           autoguidance=settings.autoguidance, guide_step=settings.guide_step)
+  if settings.guide_step is not None and not (
+      0 < settings.guide_step < ldm_config.train.num_steps):
+    raise ValueError(f"sample.guide_step {settings.guide_step} must be a step of the LDM's "
+                     f"training, in 1..{ldm_config.train.num_steps - 1}")
   counts = tuple(config.fid.sample_counts)
   if any(c < 2 for c in counts) or (counts and max(counts) > settings.num_samples):
     raise ValueError(f"fid.sample_counts {counts} must lie in 2..sample.num_samples "
@@ -185,7 +200,8 @@ def _sample(config, workdir: str, out: str) -> None:
   sample_job.run(
       os.path.join(workdir, "ldm"), partial, num_samples=settings.num_samples,
       sampler=settings.sampler, steps=settings.steps, guidance=settings.guidance,
-      clip_x0=settings.clip_x0 or sample_job.NO_CLIP, seed=settings.seed,
+      clip_x0=settings.clip_x0 or sample_job.NO_CLIP, autoguidance=settings.autoguidance,
+      guide_step=settings.guide_step, seed=settings.seed,
       batch_size=settings.batch_size, use_ema=settings.use_ema)
   if _is_primary():
     shutil.rmtree(out, ignore_errors=True)
@@ -254,7 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     settings = config.sample
     results.write(num_samples=settings.num_samples, sampler=settings.sampler,
                   sampler_steps=settings.steps, guidance=settings.guidance,
-                  clip_x0=settings.clip_x0, ema=settings.use_ema)
+                  clip_x0=settings.clip_x0, autoguidance=settings.autoguidance,
+                  guide_step=settings.guide_step, ema=settings.use_ema)
 
   wanted = [fid_key(c) for c in config.fid.sample_counts]
   if config.fid.vae_reconstructions:

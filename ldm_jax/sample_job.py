@@ -60,14 +60,17 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
         steps: int | None = None, guidance: float | None = None,
         classes: Sequence[str] | None = None, seed: int = 0, batch_size: int = 256,
         eta: float = 0.0, clip_x0: float | None = None, step: int | None = None,
-        use_ema: bool = True,
+        use_ema: bool = True, autoguidance: float | None = None,
+        guide_step: int | None = None,
         grid_per_class: int = 10, grid_classes: int = 10, fid: bool = False,
         fid_weights: str | None = None, fid_reference: str | None = None,
         data_dir: str | None = None) -> dict:
   """Writes OUTPUTS under `out` and returns {num_samples, sampler, FID-<n> if `fid`}.
 
-  sampler, steps, guidance and clip_x0 default to the run's own sampler
-  (sampling.run_settings); clip_x0=NO_CLIP turns clipping off.
+  sampler, steps, guidance, clip_x0, autoguidance and guide_step default to
+  the run's own sampler (sampling.run_settings); clip_x0=NO_CLIP and
+  autoguidance=1 turn clipping and autoguidance off. The guide is checkpoint
+  `guide_step` of the same run, with the EMA parameters if `use_ema`.
   """
   import jax
   import ml_collections
@@ -82,7 +85,10 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
     raise ValueError(f"{workdir} is a {saved.get('stage')!r} run; sample.py needs an LDM run")
   config = ml_collections.ConfigDict(saved)
   settings = sampling.run_settings(config.eval, sampler=sampler, steps=steps,
-                                   guidance=guidance, clip_x0=clip_x0, eta=eta)
+                                   guidance=guidance, clip_x0=clip_x0, eta=eta,
+                                   autoguidance=autoguidance, guide_step=guide_step)
+  if settings.guide_step is not None:
+    runs.load_config(workdir, settings.guide_step)  # Fails early if the guide is missing.
   if data_dir is not None:
     config.data.data_dir = data_dir
   data.ensure_prepared(config.data)
@@ -94,6 +100,10 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
   _, graphdef, state = runs.load_run(workdir, step, mesh)
   stage = runs.make_stage(config)
   params = state.eval_params() if use_ema else state.params
+  guide_params = None
+  if settings.guide_step is not None:
+    _, _, guide_state = runs.load_run(workdir, settings.guide_step, mesh)
+    guide_params = guide_state.eval_params() if use_ema else guide_state.params
 
   labels = np.asarray(class_ids, np.int32)[np.arange(num_samples) % len(class_ids)]
   resume_dir = None
@@ -102,7 +112,8 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
     resume_dir = os.path.join(out, BATCHES, f"step{int(state.step)}-{'ema' if use_ema else 'params'}")
   generated = sampling.generate(stage.decoder(graphdef), settings, params, state.rest,
                                 state.frozen, labels, seed=seed, batch_size=batch_size,
-                                mesh=mesh, progress=True, resume_dir=resume_dir)
+                                mesh=mesh, progress=True, resume_dir=resume_dir,
+                                guide_params=guide_params)
 
   samples_dir = os.path.join(out, "generated_samples")
   os.makedirs(samples_dir, exist_ok=True)

@@ -35,6 +35,10 @@ class SamplerSettings:
   # eps error divided by alpha_T = 0.006; deterministic samplers lock that
   # in (latents 7x too large, saturated images) unless it is clipped.
   clip_x0: float | None = None
+  # Autoguidance (diffusion.guided_model_fn): the weight of the guide term
+  # (1: off) and the checkpoint step of the same run whose parameters guide.
+  autoguidance: float = 1.0
+  guide_step: int | None = None
 
   def __post_init__(self):
     if self.sampler not in diffusion.SAMPLERS:
@@ -50,25 +54,39 @@ class SamplerSettings:
       raise ValueError(f"clip_x0 must be positive or None, got {self.clip_x0}")
     if self.guidance < 0:
       raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+    if self.autoguidance < 1:
+      raise ValueError(f"autoguidance must be >= 1 (1: off), got {self.autoguidance}")
+    if (self.autoguidance != 1) != (self.guide_step is not None):
+      raise ValueError("autoguidance != 1 needs a guide_step and guide_step needs "
+                       f"autoguidance != 1; got {self.autoguidance} and {self.guide_step}")
+    if self.guide_step is not None and self.guide_step < 0:
+      raise ValueError(f"guide_step must be >= 0, got {self.guide_step}")
 
 
 def run_settings(eval_config, *, sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, clip_x0: float | None = None,
-                 eta: float = 0.0) -> SamplerSettings:
+                 eta: float = 0.0, autoguidance: float | None = None,
+                 guide_step: int | None = None) -> SamplerSettings:
   """A run's own sampler, with any field given here in its place.
 
   A run's sampler is its config's `eval` section (sampler, sample_steps,
   guidance, clip_x0): its eval pictures use it, sample.py defaults to it, and
   the main job writes its `sample` settings there. clip_x0=0 turns clipping
-  off; configs saved before eval.clip_x0 existed sample unclipped.
+  off; configs saved before eval.clip_x0 existed sample unclipped, and those
+  saved before eval.autoguidance without it. autoguidance=1 turns it off.
   """
   if clip_x0 is None:
     clip_x0 = eval_config.get("clip_x0")
+  if autoguidance is None:
+    autoguidance = eval_config.get("autoguidance") or 1.0
+  if guide_step is None and autoguidance != 1:
+    guide_step = eval_config.get("guide_step")
   return SamplerSettings(
       sampler=eval_config["sampler"] if sampler is None else sampler,
       num_steps=eval_config["sample_steps"] if steps is None else steps,
       guidance=eval_config["guidance"] if guidance is None else guidance,
-      eta=eta, clip_x0=clip_x0 or None)
+      eta=eta, clip_x0=clip_x0 or None, autoguidance=autoguidance,
+      guide_step=guide_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +108,18 @@ class LatentDecoder:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _sample_batch(decoder: LatentDecoder, settings: SamplerSettings, params, rest, frozen,
-                  labels: jax.Array, rng: jax.Array) -> jax.Array:
+                  guide_params, labels: jax.Array, rng: jax.Array) -> jax.Array:
   denoiser = nnx.merge(decoder.denoiser_graphdef, params, rest)
   denoiser.eval()
+  guide = None
+  if guide_params is not None:
+    guide = nnx.merge(decoder.denoiser_graphdef, guide_params, rest)
+    guide.eval()
   vae = nnx.merge(decoder.vae_graphdef, frozen["vae"]["params"], frozen["vae"]["rest"])
   noise_rng, sampler_rng = jax.random.split(rng)
   z_T = jax.random.normal(noise_rng, labels.shape + decoder.latent_shape)
-  model_fn = diffusion.guided_model_fn(denoiser, labels, decoder.num_classes, settings.guidance)
+  model_fn = diffusion.guided_model_fn(denoiser, labels, decoder.num_classes, settings.guidance,
+                                       guide_fn=guide, autoguidance=settings.autoguidance)
   z_0 = diffusion.sample(settings.sampler, model_fn, decoder.schedule, z_T, sampler_rng,
                          num_steps=settings.num_steps, eta=settings.eta,
                          prediction=decoder.prediction, clip_x0=settings.clip_x0)
@@ -105,7 +128,8 @@ def _sample_batch(decoder: LatentDecoder, settings: SamplerSettings, params, res
 
 def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, frozen,
              labels: np.ndarray, *, seed: int, batch_size: int, mesh: Mesh,
-             progress: bool = False, resume_dir: str | None = None) -> np.ndarray:
+             progress: bool = False, resume_dir: str | None = None,
+             guide_params=None) -> np.ndarray:
   """uint8 NHWC images, one per label, in the order of `labels`.
 
   Batch i uses key fold_in(seed, i) and the last batch is padded to the full
@@ -117,8 +141,15 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
   The directory records the settings, seed, batch size and labels, and a
   call with others is refused; which weights made the batches is the
   caller's to encode in the path. Single-process only.
+
+  `guide_params` (the denoiser parameters of checkpoint `settings.guide_step`,
+  with the same `rest`) is needed exactly when `settings.autoguidance` is
+  not 1.
   """
   labels = np.asarray(labels, dtype=np.int32)
+  if (guide_params is None) != (settings.autoguidance == 1):
+    raise ValueError(f"autoguidance {settings.autoguidance} with guide parameters "
+                     f"{'missing' if guide_params is None else 'given'}")
   parallel.check_batch_size(batch_size, mesh)
   if resume_dir is not None:
     if jax.process_count() > 1:
@@ -130,7 +161,8 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
   key = jax.random.PRNGKey(seed)
   # The weights may sit on another device set (a checkpoint restored for a
   # different mesh); sampling runs where `mesh` says.
-  params, rest, frozen = parallel.replicate(mesh, (params, rest, frozen))
+  params, rest, frozen, guide_params = parallel.replicate(
+      mesh, (params, rest, frozen, guide_params))
   out = []
   starts = range(0, len(labels), batch_size)
   for index, start in enumerate(tqdm(starts, desc=f"sampling ({settings.sampler})",
@@ -141,7 +173,7 @@ def generate(decoder: LatentDecoder, settings: SamplerSettings, params, rest, fr
       out.append(np.load(saved))
       continue
     padded = np.pad(chunk, (0, batch_size - len(chunk)), mode="edge")
-    x = _sample_batch(decoder, settings, params, rest, frozen,
+    x = _sample_batch(decoder, settings, params, rest, frozen, guide_params,
                       jax.device_put(padded, sharding), jax.random.fold_in(key, index))
     out.append(images.to_uint8(parallel.gather_to_host(x))[:len(chunk)])
     if saved is not None:

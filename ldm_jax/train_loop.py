@@ -6,6 +6,7 @@
           every log_every:        progress bar, stdout, metrics.jsonl, TensorBoard
           every eval_every:       eval metrics on the test split + picture (+ FID)
           every checkpoint_every: orbax checkpoint with the data iterator
+                                  (and at each of train.keep_steps, kept for good)
   SIGTERM (preemption) -> checkpoint, then exit; a NaN/Inf loss -> stop, last
   good checkpoint kept.
 
@@ -284,8 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   os.makedirs(workdir, exist_ok=True)
   _set_aside(workdir, unreadable)
   _write_config(workdir, config)
+  keep_steps = set(config.train.get("keep_steps", ()))
   checkpointer = checkpoint.Checkpointer(runs.checkpoint_dir(workdir),
-                                         keep=config.train.keep_checkpoints)
+                                         keep=config.train.keep_checkpoints,
+                                         keep_steps=sorted(keep_steps))
   # Records past the restored step were logged by a run that died before
   # saving them; this run logs those steps again.
   writer = MetricWriter(workdir, resume_step=start_step)
@@ -351,7 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
             images.save_png(os.path.join(workdir, "pictures", f"step_{step:07d}.png"), picture)
           writer.write_image(step, stage.picture_name.removesuffix(".png"), picture)
 
-        if step % config.train.checkpoint_every == 0 or step == num_steps or eval_metrics:
+        if (step % config.train.checkpoint_every == 0 or step == num_steps or eval_metrics
+            or step in keep_steps):
           best = {checkpoint.BEST_METRIC: eval_metrics["loss"]} if eval_metrics else None
           save(step, best)
         if eval_metrics is not None or step % config.train.checkpoint_every == 0:

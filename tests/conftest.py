@@ -131,10 +131,13 @@ def ldm_config(data_dir, vae_workdir, num_steps=6):
 
 @pytest.fixture(scope="session")
 def ldm_workdir(tiny_data_dir, vae_workdir, tmp_path_factory):
-  """A finished 6-step tiny LDM run on 8 devices, shared by the tests that read it."""
+  """A finished 6-step tiny LDM run on 8 devices, shared by the tests that read it;
+  step 3 is kept too (a guide for autoguidance)."""
   from ldm_jax import train_loop
   workdir = str(tmp_path_factory.mktemp("ldm_run"))
-  train_loop.train_and_evaluate(ldm_config(tiny_data_dir, vae_workdir), workdir)
+  config = ldm_config(tiny_data_dir, vae_workdir)
+  config.train.keep_steps = (3,)
+  train_loop.train_and_evaluate(config, workdir)
   return workdir
 
 

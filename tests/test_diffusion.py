@@ -237,6 +237,38 @@ def test_guidance_formula_in_one_batched_call():
   np.testing.assert_allclose(traced, guided, rtol=1e-6)
 
 
+def test_autoguidance_adds_the_guide_term():
+  x, t, labels, calls, model_fn, cond, uncond = _guidance_case(6)
+  guide_calls = []
+  # A guide that differs from the model (another scale of x), so the guide
+  # term is not zero.
+  guide_fn = lambda x_t, t, l: 0.5 * _labelled_model(guide_calls)(x_t, t, l)
+  guide = guide_fn(x, t, labels)
+  guide_calls.clear()
+  out = diffusion.guided_model_fn(model_fn, labels, 0, 3.0, guide_fn=guide_fn,
+                                  autoguidance=2.5)(x, t)
+  np.testing.assert_allclose(
+      out, uncond + 3.0 * (cond - uncond) + 1.5 * (cond - guide), rtol=1e-5)
+  assert calls == [12] and guide_calls == [6]
+  # Without classifier-free guidance: the conditional model once, the guide once.
+  calls.clear()
+  out = diffusion.guided_model_fn(model_fn, labels, 0, 1.0, guide_fn=guide_fn,
+                                  autoguidance=2.0)(x, t)
+  np.testing.assert_allclose(out, 2.0 * cond - guide, rtol=1e-5)
+  assert calls == [6]
+
+
+def test_autoguidance_off_never_calls_the_guide():
+  x, t, labels, calls, model_fn, cond, uncond = _guidance_case(7)
+  def guide_fn(*args):
+    raise AssertionError("the guide was called")
+  out = diffusion.guided_model_fn(model_fn, labels, 0, 2.0, guide_fn=guide_fn,
+                                  autoguidance=1.0)(x, t)
+  np.testing.assert_allclose(out, uncond + 2.0 * (cond - uncond), rtol=1e-6)
+  with pytest.raises(ValueError, match="needs a guide_fn"):
+    diffusion.guided_model_fn(model_fn, labels, 0, 2.0, autoguidance=2.0)
+
+
 # ------------------------------------------------------------------ samplers
 
 

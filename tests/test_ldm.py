@@ -106,6 +106,52 @@ def test_clip_x0_reaches_the_sampler(ldm_workdir):
   assert np.abs(outputs[0.05] - outputs[None]).mean() > 5
 
 
+def test_autoguidance_by_the_model_itself_changes_nothing(ldm_workdir):
+  # cond - guide is zero when the guide is the model: the images are plain
+  # classifier-free guidance's. An earlier checkpoint as the guide changes them.
+  saved, graphdef, state = runs.load_run(ldm_workdir)
+  _, _, earlier = runs.load_run(ldm_workdir, 3)
+  stage = runs.make_stage(ml_collections.ConfigDict(saved))
+  labels = np.arange(8, dtype=np.int32)
+
+  def generate(guide_params, **auto):
+    settings = sampling.SamplerSettings("dpm_solver", num_steps=3, guidance=2.0, **auto)
+    return sampling.generate(stage.decoder(graphdef), settings, state.ema_params, state.rest,
+                             state.frozen, labels, seed=3, batch_size=8,
+                             mesh=parallel.make_mesh(8), guide_params=guide_params).astype(int)
+
+  plain = generate(None)
+  itself = generate(state.ema_params, autoguidance=3.0, guide_step=int(state.step))
+  same = np.abs(itself - plain)
+  assert same.max() <= 1 and (same == 0).mean() > 0.999  # Two compiled programs.
+  guided = generate(earlier.ema_params, autoguidance=3.0, guide_step=3)
+  assert np.abs(guided - plain).mean() > 1
+  with pytest.raises(ValueError, match="guide parameters missing"):
+    generate(None, autoguidance=3.0, guide_step=3)
+  with pytest.raises(ValueError, match="guide parameters given"):
+    generate(earlier.ema_params)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(autoguidance=2.0), "needs a guide_step"),
+    (dict(guide_step=3), "needs a guide_step"),
+    (dict(autoguidance=0.5, guide_step=3), ">= 1"),
+])
+def test_autoguidance_settings_are_checked(fields, message):
+  with pytest.raises(ValueError, match=message):
+    sampling.SamplerSettings("ddim", num_steps=3, **fields)
+
+
+def test_run_settings_take_autoguidance_from_the_run():
+  config = dict(sampler="ddim", sample_steps=3, guidance=2.0, autoguidance=2.0, guide_step=3)
+  assert sampling.run_settings(config) == sampling.SamplerSettings(
+      "ddim", num_steps=3, guidance=2.0, autoguidance=2.0, guide_step=3)
+  # Turned off by the caller; a run saved before the keys existed has none.
+  assert sampling.run_settings(config, autoguidance=1.0).guide_step is None
+  del config["autoguidance"], config["guide_step"]
+  assert sampling.run_settings(config).autoguidance == 1.0
+
+
 def test_sampling_into_a_resume_dir_continues_where_it_stopped(ldm_workdir, tmp_path):
   saved, graphdef, state = runs.load_run(ldm_workdir)
   stage = runs.make_stage(ml_collections.ConfigDict(saved))

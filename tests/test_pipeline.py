@@ -56,6 +56,11 @@ def test_main_job_writes_every_output(main_job):
   assert results["fid_8"] != results["fid_16"]  # Over different sample counts.
   assert (results["sampler"], results["sampler_steps"], results["num_samples"],
           results["clip_x0"]) == (config.sample.sampler, 3, 16, 4.0)
+  # The guide of autoguidance is an LDM checkpoint off the saving grid, kept.
+  assert (results["autoguidance"], results["guide_step"]) == (2.0, 5)
+  with open(os.path.join(workdir, "ldm", "config.json")) as f:
+    assert json.load(f)["train"]["keep_steps"] == [5]
+  assert os.path.isdir(os.path.join(workdir, "ldm", "checkpoints", "5"))
   assert set(results["seconds"]) == {"vae", "ldm", "sample", "fid", "total"}
   assert all(v > 0 for v in results["seconds"].values())
   # The LDM was trained on this job's VAE.
@@ -84,11 +89,13 @@ def test_sample_py_on_the_ldm_stage_repeats_the_main_jobs_samples(main_job, tmp_
     run_eval = json.load(f)["eval"]
   settings = config.sample
   assert (run_eval["sampler"], run_eval["sample_steps"], run_eval["guidance"],
-          run_eval["clip_x0"]) == (settings.sampler, settings.steps, settings.guidance,
-                                   settings.clip_x0)
+          run_eval["clip_x0"], run_eval["autoguidance"], run_eval["guide_step"]) == (
+              settings.sampler, settings.steps, settings.guidance, settings.clip_x0,
+              settings.autoguidance, settings.guide_step)
   result = sample_job.run(ldm_workdir, str(tmp_path / "again"), num_samples=settings.num_samples,
                           seed=settings.seed, batch_size=settings.batch_size)
   assert result["sampler"]["clip_x0"] == settings.clip_x0
+  assert result["sampler"]["guide_step"] == settings.guide_step
   with np.load(os.path.join(workdir, "samples", "samples.npz")) as first, \
       np.load(tmp_path / "again" / "samples.npz") as again:
     np.testing.assert_array_equal(again["images"], first["images"])
@@ -130,6 +137,8 @@ def test_interrupted_job_resumes_the_unfinished_stage(main_job, tmp_path):
     (dict(fid=dict(reference="/nonexistent/stats.npz")), "does not exist"),
     (dict(ldm_stage=dict(train=dict(batch_size=12))), "ldm_stage.train.batch_size"),
     (dict(ldm_stage=dict(ldm=dict(latent="vector"))), "needs a 'vector' one"),
+    (dict(sample=dict(guide_step=20)), "must be a step of the LDM"),
+    (dict(sample=dict(autoguidance=1.0)), "needs a guide_step"),
 ])
 def test_bad_config_is_refused_before_any_work(tiny_data_dir, random_fid_weights, tmp_path,
                                                override, message):

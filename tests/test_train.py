@@ -59,6 +59,17 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     assert ckpt.all_steps() == [1, 3, 4]  # Step 1 is the best; 3 and 4 the latest.
 
 
+def test_keep_steps_are_saved_and_never_deleted(tiny_data_dir, tmp_path):
+  # Step 7 lies off the checkpoint grid (every 5) and outlives keep=1; the
+  # other grid steps are deleted as usual.
+  config = vae_config(tiny_data_dir)
+  config.train.update(num_steps=20, eval_every=20, keep_checkpoints=1, keep_steps=(7,))
+  workdir = str(tmp_path / "run")
+  train_loop.train_and_evaluate(config, workdir)
+  with checkpoint.Checkpointer(runs.checkpoint_dir(workdir), read_only=True) as ckpt:
+    assert ckpt.all_steps() == [7, 20]
+
+
 def test_sharded_step_equals_single_device_step(tiny_data_dir):
   """Same loss and parameters after two steps on 8 devices as on 1.
 

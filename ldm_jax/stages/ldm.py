@@ -17,6 +17,8 @@ cached: crops would need a posterior per offset.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable, Iterator
 
 import jax
@@ -172,7 +174,10 @@ class LDMStage(base.Stage):
     return self._decoder
 
   def _eval_sampler(self) -> sampling.SamplerSettings:
-    return sampling.run_settings(self.config.eval)
+    # Pictures and FID during training use classifier-free guidance alone:
+    # the guide checkpoint of autoguidance may not exist yet.
+    return dataclasses.replace(sampling.run_settings(self.config.eval), autoguidance=1.0,
+                               guide_step=None)
 
   def _generate(self, graphdef, state, labels, batch_size):
     mesh = parallel.make_mesh()
