@@ -71,7 +71,8 @@ Reached (2 CPU cores, 1 device; docs/results.md):
 The original reported FID-512 157.55 after 8 GPU-hours.
 
 The sampler below becomes the LDM run's own, so `python sample.py
---workdir=runs/cpu/ldm --out=OUT` samples with it (w=10, clip 3) unasked.
+--workdir=runs/cpu/ldm --out=OUT` samples with it (dpm_solver-10, w=5,
+autoguidance 2 by the run's step 700, clip 3) unasked.
 """
 
 from configs import cifar100_ldm, cifar100_vae
@@ -141,7 +142,15 @@ def get_config():
   # FID-512 158.1 at 2, 150.8 at 5, 146.1 at 10 (docs/results.md: every run).
   # On round 15's model (800-step VAE), dpm_solver-10: FID-2k 77.0 at 5,
   # 74.5 at 7, 75.3 at 10, 79.7 at 15: as flat, so 10 stays.
-  config.sample.guidance = 10.0
+  # Round 18: classifier-free guidance at w=5 plus autoguidance of weight 2
+  # by the LDM's own step-700 EMA model (kept: ldm_stage.train.keep_steps),
+  # on final13's stages: FID-2k 73.2 -> 65.0 (guide step 1,400: 65.1; w=7:
+  # 66.9). Autoguidance alone (w=1) lost to guidance alone, and guidance
+  # limited to a noise interval tied (docs/results.md, round 18). Three model
+  # calls per step instead of two: sampling takes 1.5x as long.
+  config.sample.guidance = 5.0
+  config.sample.autoguidance = 2.0
+  config.sample.guide_step = 700
   # Steps measured at w=10 (FID-2k, same labels and seed): dpm_solver-10
   # 110.0, dpm_solver-20 111.1, ddim-50 112.1, ddpm-1000 112.9. Ten steps
   # score as well as any and sample in half the time of twenty.
