@@ -294,5 +294,8 @@ def summary(results: dict[str, Any]) -> str:
                       if k.startswith(("fid_", "vae_rfid_")) and isinstance(v, float))
   seconds = results["seconds"]
   times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+  guide = ""
+  if results.get("guide_step") is not None:
+    guide = f", autoguidance {results['autoguidance']} by step {results['guide_step']}"
   return (f"{figures} ({results['num_samples']} samples, {results['sampler']}-"
-          f"{results['sampler_steps']}, w={results['guidance']}); {times}")
+          f"{results['sampler_steps']}, w={results['guidance']}{guide}); {times}")

@@ -58,6 +58,7 @@ def test_main_job_writes_every_output(main_job):
           results["clip_x0"]) == (config.sample.sampler, 3, 16, 4.0)
   # The guide of autoguidance is an LDM checkpoint off the saving grid, kept.
   assert (results["autoguidance"], results["guide_step"]) == (2.0, 5)
+  assert "w=2.0, autoguidance 2.0 by step 5)" in pipeline.summary(results)
   with open(os.path.join(workdir, "ldm", "config.json")) as f:
     assert json.load(f)["train"]["keep_steps"] == [5]
   assert os.path.isdir(os.path.join(workdir, "ldm", "checkpoints", "5"))
