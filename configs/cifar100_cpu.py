@@ -10,9 +10,11 @@ this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
   round 18, the sampler now w=5 plus autoguidance 2 by the LDM's own step
-    700 (commit 6901b73), sampled and scored on round 17's trained stages:
-    FID-512 105.8, FID-2k 65.0 (w=10 alone: 113.3 / 73.2); samples 1.8 +
-    FID 4.4 min, about 35.8 min with those stages' 7.1 + 22.5.
+    700, trained end to end at 99b4906 (runs/final14): FID-512 105.8,
+    FID-2k 65.0, VAE reconstruction FID-2k 34.6; 34.7 min alone (VAE 7.3 +
+    LDM 21.7 + samples 1.6 + FID 4.1). Its stages are round 17's bit for
+    bit (the same FIDs to every digit as sampling round 17's; w=10 alone
+    scored 113.3 / 73.2 on them).
   round 17, the same recipe at 4e9f240 (GroupNorm's gradient by hand,
     dropout masks by hash), trained end to end again (runs/final13):
     FID-512 113.3, FID-2k 73.2, VAE reconstruction FID-2k 34.6; 35.0 min
