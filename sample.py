@@ -81,9 +81,11 @@ def main(argv):
       fid_weights=_FID_WEIGHTS.value, fid_reference=_FID_REFERENCE.value,
       data_dir=_DATA_DIR.value)
   used = result["sampler"]
+  guide = ("" if used["guide_step"] is None
+           else f", autoguidance {used['autoguidance']} by step {used['guide_step']}")
   print(f"wrote {result['num_samples']} samples to {_OUT.value} ({used['sampler']}, "
-        f"{used['num_steps']} steps, guidance {used['guidance']}, clip_x0 {used['clip_x0']}, "
-        f"autoguidance {used['autoguidance']} by step {used['guide_step']})")
+        f"{used['num_steps']} steps, guidance {used['guidance']}, clip_x0 {used['clip_x0']}"
+        f"{guide})")
   for key, value in result.items():
     if key.startswith("FID"):
       print(f"{key} (against the train statistics): {value:.3f}")

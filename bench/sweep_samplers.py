@@ -81,8 +81,7 @@ def main(argv):
     decoder = stage.decoder(graphdef)
     guide_params = None
     if setting.guide_step is not None:
-      _, _, guide_state = runs.load_run(_WORKDIR.value, setting.guide_step, mesh=mesh)
-      guide_params = guide_state.eval_params() if _EMA.value else guide_state.params
+      guide_params = runs.load_params(_WORKDIR.value, setting.guide_step, mesh, ema=_EMA.value)
     resume_dir = None
     if _RESUME_DIR.value:
       # The weights are part of what made the batches: the path names the run and step.

@@ -102,7 +102,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str
                                autoguidance=settings.autoguidance,
                                guide_step=settings.guide_step)
       if settings.guide_step is not None:
-        keep = set(stage_config.train.get("keep_steps", ())) | {settings.guide_step}
+        keep = set(stage_config.train.keep_steps) | {settings.guide_step}
         stage_config.train.keep_steps = tuple(sorted(keep))
     out.append((name, os.path.join(workdir, name), stage_config))
   return out

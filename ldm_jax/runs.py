@@ -111,6 +111,13 @@ def load_run(workdir: str, step: int | None = None, mesh=None
   return saved, graphdef, state
 
 
+def load_params(workdir: str, step: int | None, mesh=None, *, ema: bool = True):
+  """The model parameters of checkpoint `step` (None: the latest) of a run,
+  its EMA ones if `ema`: e.g. the guide of autoguidance."""
+  _, _, state = load_run(workdir, step, mesh)
+  return state.eval_params() if ema else state.params
+
+
 def attach_vae_config(config: ml_collections.ConfigDict) -> None:
   """Copies the VAE's architecture from `config.vae_checkpoint` into an LDM
   config, after checking the VAE is what this LDM needs."""

@@ -102,8 +102,7 @@ def run(workdir: str, out: str, *, num_samples: int, sampler: str | None = None,
   params = state.eval_params() if use_ema else state.params
   guide_params = None
   if settings.guide_step is not None:
-    _, _, guide_state = runs.load_run(workdir, settings.guide_step, mesh)
-    guide_params = guide_state.eval_params() if use_ema else guide_state.params
+    guide_params = runs.load_params(workdir, settings.guide_step, mesh, ema=use_ema)
 
   labels = np.asarray(class_ids, np.int32)[np.arange(num_samples) % len(class_ids)]
   resume_dir = None

@@ -285,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   os.makedirs(workdir, exist_ok=True)
   _set_aside(workdir, unreadable)
   _write_config(workdir, config)
-  keep_steps = set(config.train.get("keep_steps", ()))
+  keep_steps = set(config.train.keep_steps)
   checkpointer = checkpoint.Checkpointer(runs.checkpoint_dir(workdir),
                                          keep=config.train.keep_checkpoints,
                                          keep_steps=sorted(keep_steps))
