@@ -6,9 +6,10 @@
       --settings=dpm_solver-20@0,dpm_solver-20@1,dpm_solver-20@3,dpm_solver-20@5
 
 Each setting is SAMPLER-STEPS@GUIDANCE, optionally /clipC to clip every x0
-estimate to [-C, C] (e.g. dpm_solver-20@2/clip3), and /autoA@S for
+estimate to [-C, C] (e.g. dpm_solver-20@2/clip3), /autoA@S for
 autoguidance of weight A by the run's checkpoint S (e.g.
-dpm_solver-10@5/clip3/auto2@700). The same class-balanced labels and
+dpm_solver-10@5/clip3/auto2@700), and /etaE for DDIM's noise (e.g.
+ddim-50@5/clip3/eta1; 0, deterministic, unless given). The same class-balanced labels and
 seed are used for every setting; images/s counts sampling and decoding only,
 after a first batch that compiles (not timed; with --nowarmup, compiling is
 counted too). Prints one markdown table row per setting, with FID-N against
@@ -49,13 +50,14 @@ flags.mark_flags_as_required(["workdir", "reference"])
 
 
 def parse_setting(text: str) -> sampling.SamplerSettings:
+  text, _, eta = text.partition("/eta")
   text, _, auto = text.partition("/auto")
   text, _, clip = text.partition("/clip")
   sampler_steps, guidance = text.split("@")
   sampler, steps = sampler_steps.rsplit("-", 1)
   weight, guide_step = auto.split("@") if auto else ("1", None)
   return sampling.SamplerSettings(sampler=sampler, num_steps=int(steps),
-                                  guidance=float(guidance),
+                                  guidance=float(guidance), eta=float(eta or 0),
                                   clip_x0=float(clip) if clip else None,
                                   autoguidance=float(weight),
                                   guide_step=None if guide_step is None else int(guide_step))
@@ -75,8 +77,9 @@ def main(argv):
   model = reference_lib.cached_model()
   mu_ref, sigma_ref, _ = fid_lib.load_statistics(_REFERENCE.value)
   batch = _BATCH_SIZE.value
-  print(f"| sampler | steps | w | clip x0 | autoguidance | FID-{_NUM_SAMPLES.value} | images/s |")
-  print("|---|---|---|---|---|---|---|")
+  print(f"| sampler | steps | eta | w | clip x0 | autoguidance | FID-{_NUM_SAMPLES.value} "
+        "| images/s |")
+  print("|---|---|---|---|---|---|---|---|")
   for text, setting in zip(texts, settings):
     decoder = stage.decoder(graphdef)
     guide_params = None
@@ -104,7 +107,7 @@ def main(argv):
     clip = "-" if setting.clip_x0 is None else f"{setting.clip_x0:g}"
     auto = ("-" if setting.guide_step is None
             else f"{setting.autoguidance:g} by step {setting.guide_step}")
-    print(f"| {setting.sampler} | {steps} | {setting.guidance:g} | {clip} | {auto} | {value:.1f} "
+    print(f"| {setting.sampler} | {steps} | {setting.eta:g} | {setting.guidance:g} | {clip} | {auto} | {value:.1f} "
           f"| {speed:.1f} |",
           flush=True)
 
