@@ -49,25 +49,11 @@ _RESUME_DIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["workdir", "reference"])
 
 
-def parse_setting(text: str) -> sampling.SamplerSettings:
-  text, _, eta = text.partition("/eta")
-  text, _, auto = text.partition("/auto")
-  text, _, clip = text.partition("/clip")
-  sampler_steps, guidance = text.split("@")
-  sampler, steps = sampler_steps.rsplit("-", 1)
-  weight, guide_step = auto.split("@") if auto else ("1", None)
-  return sampling.SamplerSettings(sampler=sampler, num_steps=int(steps),
-                                  guidance=float(guidance), eta=float(eta or 0),
-                                  clip_x0=float(clip) if clip else None,
-                                  autoguidance=float(weight),
-                                  guide_step=None if guide_step is None else int(guide_step))
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   texts = [s for group in _SETTINGS.value for s in group.split(",") if s]
-  settings = [parse_setting(s) for s in texts]
+  settings = [sampling.parse_setting(s) for s in texts]
   mesh = parallel.make_mesh()
   saved, graphdef, state = runs.load_run(_WORKDIR.value, mesh=mesh)
   stage = runs.make_stage(ml_collections.ConfigDict(saved))

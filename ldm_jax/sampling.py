@@ -63,6 +63,24 @@ class SamplerSettings:
       raise ValueError(f"guide_step must be >= 0, got {self.guide_step}")
 
 
+def parse_setting(text: str) -> SamplerSettings:
+  """Settings from their short text form, as the sampler sweep takes them:
+  SAMPLER-STEPS@GUIDANCE, then optionally and in this order /clipC (x0
+  clipped to [-C, C]), /autoA@S (autoguidance of weight A by checkpoint S)
+  and /etaE (DDIM's noise), e.g. "dpm_solver-10@5/clip3/auto2@700" or
+  "ddim-50@5/eta1". SamplerSettings checks the values."""
+  text, _, eta = text.partition("/eta")
+  text, _, auto = text.partition("/auto")
+  text, _, clip = text.partition("/clip")
+  sampler_steps, guidance = text.split("@")
+  sampler, steps = sampler_steps.rsplit("-", 1)
+  weight, guide_step = auto.split("@") if auto else ("1", None)
+  return SamplerSettings(sampler=sampler, num_steps=int(steps), guidance=float(guidance),
+                         eta=float(eta or 0), clip_x0=float(clip) if clip else None,
+                         autoguidance=float(weight),
+                         guide_step=None if guide_step is None else int(guide_step))
+
+
 def run_settings(eval_config, *, sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, clip_x0: float | None = None,
                  eta: float = 0.0, autoguidance: float | None = None,
