@@ -9,8 +9,9 @@ Each setting is SAMPLER-STEPS@GUIDANCE, optionally /clipC to clip every x0
 estimate to [-C, C] (e.g. dpm_solver-20@2/clip3), /autoA@S for
 autoguidance of weight A by the run's checkpoint S (e.g.
 dpm_solver-10@5/clip3/auto2@700), and /etaE for DDIM's noise (e.g.
-ddim-50@5/clip3/eta1; 0, deterministic, unless given). The same class-balanced labels and
-seed are used for every setting; images/s counts sampling and decoding only,
+ddim-50@5/clip3/eta1; 0, deterministic, unless given), in that order
+(`sampling.parse_setting`). The same class-balanced labels and seed are
+used for every setting; images/s counts sampling and decoding only,
 after a first batch that compiles (not timed; with --nowarmup, compiling is
 counted too). Prints one markdown table row per setting, with FID-N against
 the reference statistics. With --resume_dir, each finished batch is kept, and
@@ -93,8 +94,8 @@ def main(argv):
     clip = "-" if setting.clip_x0 is None else f"{setting.clip_x0:g}"
     auto = ("-" if setting.guide_step is None
             else f"{setting.autoguidance:g} by step {setting.guide_step}")
-    print(f"| {setting.sampler} | {steps} | {setting.eta:g} | {setting.guidance:g} | {clip} | {auto} | {value:.1f} "
-          f"| {speed:.1f} |",
+    print(f"| {setting.sampler} | {steps} | {setting.eta:g} | {setting.guidance:g} | {clip} "
+          f"| {auto} | {value:.1f} | {speed:.1f} |",
           flush=True)
 
 

@@ -69,10 +69,13 @@ def parse_setting(text: str) -> SamplerSettings:
   clipped to [-C, C]), /autoA@S (autoguidance of weight A by checkpoint S)
   and /etaE (DDIM's noise), e.g. "dpm_solver-10@5/clip3/auto2@700" or
   "ddim-50@5/eta1". SamplerSettings checks the values."""
-  text, _, eta = text.partition("/eta")
-  text, _, auto = text.partition("/auto")
-  text, _, clip = text.partition("/clip")
-  sampler_steps, guidance = text.split("@")
+  rest, _, eta = text.partition("/eta")
+  rest, _, auto = rest.partition("/auto")
+  rest, _, clip = rest.partition("/clip")
+  if "/" in eta + auto + clip or rest.count("@") != 1:
+    raise ValueError(f"sampler setting {text!r} is not SAMPLER-STEPS@GUIDANCE followed by "
+                     "/clipC, /autoA@S and /etaE in that order")
+  sampler_steps, guidance = rest.split("@")
   sampler, steps = sampler_steps.rsplit("-", 1)
   weight, guide_step = auto.split("@") if auto else ("1", None)
   return SamplerSettings(sampler=sampler, num_steps=int(steps), guidance=float(guidance),

@@ -25,3 +25,10 @@ def test_suffixes_are_read_in_the_documented_order():
 def test_eta_outside_ddim_is_refused():
   with pytest.raises(ValueError, match="eta"):
     sampling.parse_setting("dpm_solver-10@5/eta1")
+
+
+@pytest.mark.parametrize("text", ["ddim-50@5/eta1/clip3", "dpm_solver-10@5/auto2@700/clip3",
+                                  "dpm_solver-10", "dpm_solver-10@5@7"])
+def test_malformed_or_reordered_text_names_the_grammar(text):
+  with pytest.raises(ValueError, match="in that order"):
+    sampling.parse_setting(text)
