@@ -22,7 +22,7 @@ from ldm_jax.models import (
     DENOISERS, MLPDenoiser, UNet, VAE, gaussian_kl, make_denoiser, psnr,
     reconstruction_loss)
 from ldm_jax.models.layers import (
-    AttentionBlock, Dropout, GroupNorm, dropout_keep_mask, num_groups_for,
+    AttentionBlock, Dropout, GroupNorm, MultiHeadAttention, dropout_keep_mask, num_groups_for,
     pointwise_conv, timestep_embedding)
 
 
@@ -365,6 +365,50 @@ def test_attention_block_matches_its_written_out_form(mlp_ratio):
   assert out.shape == x.shape
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(out - x))) > 1e-2  # The block does something.
+
+
+@pytest.mark.parametrize("context_tokens", [3, 9])  # 2 heads x 3 < 16: folded; 2 x 9: direct.
+def test_cross_attention_matches_written_out_form_with_gradients(context_tokens):
+  mha = MultiHeadAttention(16, num_heads=2, context_features=8, rngs=_rngs())
+  for layer in (mha.query, mha.value, mha.out):  # Non-zero biases: the folded form
+    layer.bias[...] = jax.random.normal(jax.random.key(5), layer.bias.shape)  # moves them.
+  queries = jax.random.normal(jax.random.key(6), (2, 5, 16))
+  context = jax.random.normal(jax.random.key(7), (2, context_tokens, 8))
+
+  def written_out(params, queries, context):
+    def heads(y):
+      return y.reshape(y.shape[:2] + (2, -1)).transpose(0, 2, 1, 3)
+    q = heads(queries @ params["query"]["kernel"] + params["query"]["bias"])
+    k = heads(context @ params["key"]["kernel"])
+    v = heads(context @ params["value"]["kernel"] + params["value"]["bias"])
+    weights = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8), axis=-1)
+    attended = (weights @ v).transpose(0, 2, 1, 3).reshape(queries.shape)
+    return attended @ params["out"]["kernel"] + params["out"]["bias"]
+
+  graphdef, params = nnx.split(mha)
+
+  def through_module(params, queries, context):
+    return nnx.merge(graphdef, params)(queries, context)
+
+  raw = nnx.to_pure_dict(params)
+  np.testing.assert_allclose(np.asarray(through_module(params, queries, context)),
+                             np.asarray(written_out(raw, queries, context)),
+                             rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(8), queries.shape)
+  ours = jax.grad(lambda p, q, c: jnp.sum(through_module(p, q, c) * cotangent),
+                  argnums=(0, 1, 2))(params, queries, context)
+  reference = jax.grad(lambda p, q, c: jnp.sum(written_out(p, q, c) * cotangent),
+                       argnums=(0, 1, 2))(raw, queries, context)
+  for got, want in zip(jax.tree.leaves(nnx.to_pure_dict(ours[0])) + list(ours[1:]),
+                       jax.tree.leaves(reference[0]) + list(reference[1:])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+  bf16 = MultiHeadAttention(16, num_heads=2, context_features=8, dtype=jnp.bfloat16,
+                            rngs=_rngs())
+  nnx.update(bf16, params)
+  out = bf16(queries, context)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(written_out(raw, queries, context)), rtol=5e-2, atol=5e-2)
 
 
 def test_gaussian_kl_standard_normal_is_zero():
