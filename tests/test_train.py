@@ -105,8 +105,8 @@ def test_sharded_step_equals_single_device_step(tiny_data_dir):
 
 
 def test_each_eval_batch_draws_its_own_randomness(tiny_data_dir):
-  """The eval key differs between the batches of one pass and repeats for the same one,
-  and the eval pass numbers its batches.
+  """The eval key differs between the batches of one pass and repeats for the same one
+  at every step, and the eval pass numbers its batches.
 
   A stand-in metric that is the key's own uniform draw shows what the stage's
   noise and timesteps would see.
@@ -125,6 +125,9 @@ def test_each_eval_batch_draws_its_own_randomness(tiny_data_dir):
   first, again, second = (float(evaluate(state, batch, np.int32(n))["loss"]) for n in (0, 0, 1))
   assert first == again
   assert first != second
+  # The same draws at another step: evals compare across a run and between runs.
+  later = state.replace(step=state.step + 1234)
+  assert float(evaluate(later, batch, np.int32(0))["loss"]) == first
   # Two batches of 16: the pass's mean is that of batch 0's draws and batch 1's.
   expected = sum(float(evaluate(state, parallel.shard_batch(mesh, b), np.int32(n))["loss"])
                  for n, b in enumerate(data.eval_batches(config.data, 16, num_examples=32))) / 32
