@@ -367,9 +367,15 @@ def test_attention_block_matches_its_written_out_form(mlp_ratio):
   assert float(jnp.max(jnp.abs(out - x))) > 1e-2  # The block does something.
 
 
-@pytest.mark.parametrize("context_tokens", [3, 9])  # 2 heads x 3 < 16: folded; 2 x 9: direct.
-def test_cross_attention_matches_written_out_form_with_gradients(context_tokens):
+@pytest.mark.parametrize("context_tokens", [3, 9])  # 3 tokens, 2 heads x 3 < 16: folded; 9: direct.
+def test_cross_attention_matches_written_out_form_with_gradients(context_tokens, monkeypatch):
   mha = MultiHeadAttention(16, num_heads=2, context_features=8, rngs=_rngs())
+  unused = "_direct" if context_tokens < 5 else "_through_few_tokens"  # 5 queries.
+
+  def fail(*args):
+    raise AssertionError(f"{unused} ran")
+
+  monkeypatch.setattr(MultiHeadAttention, unused, fail)
   for layer in (mha.query, mha.value, mha.out):  # Non-zero biases: the folded form
     layer.bias[...] = jax.random.normal(jax.random.key(5), layer.bias.shape)  # moves them.
   queries = jax.random.normal(jax.random.key(6), (2, 5, 16))

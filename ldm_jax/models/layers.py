@@ -436,7 +436,12 @@ class MultiHeadAttention(nnx.Module):
   ) -> jax.Array:
     """(B, Tq, features) queries, (B, Tk, context_features) context."""
     context = queries if context is None else context
-    if self.num_heads * context.shape[1] < queries.shape[-1]:
+    num_queries, num_tokens = queries.shape[1], context.shape[1]
+    # Folding costs F*F per token per example and saves F*F per query, and
+    # each query then needs H*Tk columns instead of F: worth it for a few
+    # tokens attended by many queries (the class tokens), not in
+    # self-attention, where queries and tokens are as many.
+    if num_tokens < num_queries and self.num_heads * num_tokens < queries.shape[-1]:
       return self._through_few_tokens(queries, context)
     return self._direct(queries, context)
 
