@@ -25,8 +25,9 @@ accelerators' dense bf16 peak) gives the MFU.
 model with that component replaced by the identity in both frameworks (every
 GroupNorm, every attention block, every dropout), so each component's cost
 per step in each framework is the difference to the full step.
-`attention_mlp` builds our UNet with attention_mlp_ratio=0 (the peer's
-attention has no MLP, so it runs whole):
+Our attention blocks have no MLP by default, like the peer's;
+`--attention-mlp-ratio=4` times the latent-diffusion-style block with a 4x
+GELU MLP instead:
 
   JAX_PLATFORMS=cpu python bench/bench_unet_peer.py --rounds=4 --without=groupnorm,attention
 """
@@ -53,9 +54,7 @@ from ldm_jax.kernels import conv as conv_kernels
 from ldm_jax.models import layers
 from ldm_jax.models.layers import num_groups_for
 
-# "attention_mlp": the GELU MLP of our attention blocks (attention_mlp_ratio=0);
-# the peer's attention has none, so its model stays whole.
-COMPONENTS = ("groupnorm", "attention", "dropout", "attention_mlp")
+COMPONENTS = ("groupnorm", "attention", "dropout")
 
 # Dense bf16 peak of accelerators the device check may meet, in TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
@@ -113,15 +112,17 @@ def torch_without(model, component: str | None) -> None:
 
 
 def jax_step(batch_size: int, dtype: str, channels: int = 128, seed: int = 0,
-             without: str | None = None):
-  """(compiled step, state, batch, FLOPs per step) of our UNet."""
+             without: str | None = None, attention_mlp_ratio: int | None = None):
+  """(compiled step, state, batch, FLOPs per step) of our UNet
+  (`attention_mlp_ratio` None: the UNet's default)."""
+  design = {} if attention_mlp_ratio is None else dict(attention_mlp_ratio=attention_mlp_ratio)
+
   def build():
     return models.UNet(latent_shape=(16, 16, 4), num_classes=100, channels=channels,
                        channel_multipliers=(1, 2, 2), num_res_blocks=2,
                        attention_levels=(1, 2), num_heads=4, context_dim=256,
                        context_tokens=4, dropout=0.1, dtype=dtype,
-                       attention_mlp_ratio=0 if without == "attention_mlp" else 4,
-                       rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+                       rngs=nnx.Rngs(params=seed, dropout=seed + 1), **design)
 
   schedule = diffusion.make_schedule("linear", 1000)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(2e-4))
@@ -208,6 +209,8 @@ def main() -> None:
   parser.add_argument("--without", type=lambda text: [c for c in text.split(",") if c],
                       default=[], help="comma-separated components among "
                       f"{', '.join(COMPONENTS)}: also time both models without each")
+  parser.add_argument("--attention-mlp-ratio", type=int, default=None,
+                      help="our attention blocks' MLP width ratio (default: the UNet's, none)")
   parser.add_argument("--json", default=None,
                       help="append the numbers as one JSON line here")
   args = parser.parse_args()
@@ -218,7 +221,8 @@ def main() -> None:
   device = jax.devices()[0]
   start = time.perf_counter()
   compiled, state, batch, jax_flops = jax_step(args.batch_size, args.dtype,
-                                               args.unet_channels)
+                                               args.unet_channels,
+                                               attention_mlp_ratio=args.attention_mlp_ratio)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"ldm-jax UNet {params / 1e6:.1f}M params, {args.dtype}, batch {args.batch_size}, "
         f"1 x {device.device_kind}; compile {time.perf_counter() - start:.1f} s; "
@@ -241,7 +245,8 @@ def main() -> None:
   for component in args.without:
     variants[component] = dict(
         jax=list(jax_step(args.batch_size, args.dtype, args.unet_channels,
-                          without=component)[:3]),
+                          without=component,
+                          attention_mlp_ratio=args.attention_mlp_ratio)[:3]),
         peer=None if args.no_torch else torch_step(args.batch_size, args.unet_channels,
                                                    without=component)[0])
   seconds = {(component, name): [] for component in variants

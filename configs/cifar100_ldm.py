@@ -70,10 +70,15 @@ def get_config():
       num_heads=4,
       context_dim=256,
       context_tokens=4,  # The class embedding is split into this many cross-attention tokens.
-      # Width of the GELU MLP in each attention block, in channels (0: no MLP).
-      # About half of a block's multiply-adds per position (8 of ~16 width^2);
-      # it costs 0.66 of 5.07 s per issue-8 step on 2 CPU cores (bench/README.md).
-      attention_mlp_ratio=4,
+      # Width of a GELU MLP in each attention block, in channels (0: none).
+      # None, as in ADM's attention blocks and diffusers' UNet2DModel (4 gives
+      # latent diffusion's transformer block): at the CPU recipe's size and an
+      # equal budget the MLP-free blocks tied twice (FID-512 / FID-2k 137.3 /
+      # 98.8 against 137.7 / 100.4 in round 14, 104.6 / 64.0 against 105.8 /
+      # 65.0 in round 20, docs/results.md), and the MLP costs 0.44 of 3.85 s
+      # per issue-8 step on 2 CPU cores (bench/README.md, round 20). Not yet
+      # compared at this recipe's size.
+      attention_mlp_ratio=0,
       dropout=0.1,
   )
 

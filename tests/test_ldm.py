@@ -125,7 +125,8 @@ def test_autoguidance_by_the_model_itself_changes_nothing(ldm_workdir):
   same = np.abs(itself - plain)
   assert same.max() <= 1 and (same == 0).mean() > 0.999  # Two compiled programs.
   guided = generate(earlier.ema_params, autoguidance=3.0, guide_step=3)
-  assert np.abs(guided - plain).mean() > 1
+  # Most pixels move (the model's own guide moves under 0.1 % of them, by 1).
+  assert (guided != plain).mean() > 0.3 and np.abs(guided - plain).mean() > 0.5
   with pytest.raises(ValueError, match="guide parameters missing"):
     generate(None, autoguidance=3.0, guide_step=3)
   with pytest.raises(ValueError, match="guide parameters given"):

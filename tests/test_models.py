@@ -653,13 +653,14 @@ def test_unet_attention_blocks_without_their_mlp():
   def count(model):
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-  default, lean = UNet(**UNET, rngs=_rngs()), UNet(**UNET, attention_mlp_ratio=0, rngs=_rngs())
-  assert default.mid_attn.mlp_in is not None and lean.mid_attn.mlp_in is None
+  # The default is ADM's block, without an MLP; 4 gives latent diffusion's.
+  with_mlp, lean = UNet(**UNET, attention_mlp_ratio=4, rngs=_rngs()), UNet(**UNET, rngs=_rngs())
+  assert with_mlp.mid_attn.mlp_in is not None and lean.mid_attn.mlp_in is None
   width = UNET["channels"] * UNET["channel_multipliers"][-1]
   # Each attention block (one per res block at level 1, three there in all, and
   # the middle one) loses its 4x MLP: two weights and two biases.
   per_block = 2 * 4 * width * width + 4 * width + width + width * 2  # + its LayerNorm
-  assert count(default) - count(lean) == 4 * per_block
+  assert count(with_mlp) - count(lean) == 4 * per_block
   z, t, labels = _denoiser_inputs(UNET["latent_shape"])
   lean.eval()
   out = lean(z, t, labels)

@@ -6,7 +6,8 @@ connections between mirrored levels. Class conditioning enters twice, as in
 latent diffusion: through cross-attention to a few learned class tokens in
 every attention block, and as a pooled vector added to the time embedding.
 Row `num_classes` of the class table is the learned null class used for
-classifier-free guidance.
+classifier-free guidance. The attention blocks have no MLP, as in ADM,
+unless `attention_mlp_ratio` gives one (latent diffusion's transformer block).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class UNet(nnx.Module):
       num_heads: int = 4,
       context_dim: int = 256,
       context_tokens: int = 4,
-      attention_mlp_ratio: int = 4,
+      attention_mlp_ratio: int = 0,
       dropout: float = 0.1,
       dtype: str | jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
