@@ -9,6 +9,11 @@ the hour; every choice below was ranked by short runs at an equal budget on
 this machine (docs/results.md has the table, losers included).
 
 Reached (2 CPU cores, 1 device; docs/results.md):
+  round 20, attention blocks without their MLP and 4,150 LDM steps instead
+    of 3,500 (the same cost), the LDM trained at 509174c on final14's VAE
+    (runs/r20_nomlp): FID-512 104.6, FID-2k 64.0, VAE reconstruction FID-2k
+    34.6; the job 36.5 min alone on a machine 1.16x slower than round 18's
+    (VAE 7.3 in round 18 + LDM 23.2 + samples 1.5 + FID 4.5).
   round 18, the sampler now w=5 plus autoguidance 2 by the LDM's own step
     700, trained end to end at 99b4906 (runs/final14): FID-512 105.8,
     FID-2k 65.0, VAE reconstruction FID-2k 34.6; 34.7 min alone (VAE 7.3 +
@@ -102,9 +107,11 @@ def get_config():
   ldm = cifar100_ldm.get_config()
   # No dropout: a run this short underfits (FID-512 218.9 without against
   # 222.4 with 0.1 at 500 steps, equal eval loss).
-  # The attention blocks keep their 4x MLP: without it, at about the same cost
-  # (4,450 steps), FID-512 / FID-2k were 137.3 / 98.8 against 137.7 / 100.4,
-  # a tie (round 14).
+  # The attention blocks have no MLP (the stage recipe's default): against
+  # a 4x GELU MLP at the same cost (4,150 steps against 3,500; 0.27 against
+  # 0.32 s/step), FID-512 / FID-2k 104.6 / 64.0 against 105.8 / 65.0 (round
+  # 20) and 137.3 / 98.8 against 137.7 / 100.4 (round 14): ties, and the
+  # MLP-free step is 1.19x faster.
   # A third level (multipliers (1, 2, 2), attention at 8x8 and 4x4) at equal
   # cost (3,100 steps) lost: FID-512 / FID-2k 113.5 / 74.4 against 105.8 /
   # 65.0 (round 19).
@@ -113,15 +120,15 @@ def get_config():
   # The original's plain eps loss: at 500 steps it scored FID-512 221.6
   # against 236.5 for v-prediction with Min-SNR-5 weighting, whose samples
   # look more natural in colour but score worse (docs/results.md).
-  # 3,500 steps: 22 min on round 12's machine (0.38 s/step, counting the
-  # cache build and eval), about 30 min on round 10's (0.52 s/step without the cache)
-  # and about 41 min on round 8's slower one (0.71 s/step); the whole job
-  # stays under the hour on all three (with round 15's 800-step VAE, about
-  # 57 min on round 8's).
+  # 4,150 steps cost what 3,500 with the attention MLP did: 22 min on round
+  # 12's machine, about 30 min on round 10's and about 41 min on round 8's
+  # slower one; the whole job stays under the hour on all three (with round
+  # 15's 800-step VAE, about 57 min on round 8's). Round 20's machine: the
+  # LDM stage 23.2 min.
   # Batch 128 at the same wall time (2,150 steps; it runs more images per
   # second here) tied: 111.3 / 73.6 against 113.3 / 73.2, and 112.8 / 73.1
   # at lr 8e-3 (round 17).
-  ldm.train.update(batch_size=64, num_steps=3_500, eval_every=3_500, checkpoint_every=700,
+  ldm.train.update(batch_size=64, num_steps=4_150, eval_every=4_150, checkpoint_every=700,
                    log_every=50)
   # Learning rate ranked at 1,000 steps (equal cost, FID-512): 1e-3 172.7,
   # 2e-3 160.6, 4e-3 148.2, 8e-3 144.4. At 3,000 steps (FID-512 / FID-2k):
