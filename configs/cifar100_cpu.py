@@ -12,8 +12,9 @@ Reached (2 CPU cores, 1 device; docs/results.md):
   round 20, attention blocks without their MLP and 4,150 LDM steps instead
     of 3,500 (the same cost), the LDM trained at 509174c on final14's VAE
     (runs/r20_nomlp): FID-512 104.6, FID-2k 64.0, VAE reconstruction FID-2k
-    34.6; the job 36.5 min alone on a machine 1.16x slower than round 18's
-    (VAE 7.3 in round 18 + LDM 23.2 + samples 1.5 + FID 4.5).
+    34.6. Trained end to end from scratch at 20dc20b (runs/final15): the
+    same FIDs to every digit, 36.4 min alone on a machine 1.16x slower than
+    round 18's (VAE 7.4 + LDM 23.4 + samples 1.4 + FID 4.2).
   round 18, the sampler now w=5 plus autoguidance 2 by the LDM's own step
     700, trained end to end at 99b4906 (runs/final14): FID-512 105.8,
     FID-2k 65.0, VAE reconstruction FID-2k 34.6; 34.7 min alone (VAE 7.3 +
