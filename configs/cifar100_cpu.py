@@ -125,7 +125,7 @@ def get_config():
   # 12's machine, about 30 min on round 10's and about 41 min on round 8's
   # slower one; the whole job stays under the hour on all three (with round
   # 15's 800-step VAE, about 57 min on round 8's). Round 20's machine: the
-  # LDM stage 23.2 min.
+  # LDM stage 23.2 and 23.4 min in two runs.
   # Batch 128 at the same wall time (2,150 steps; it runs more images per
   # second here) tied: 111.3 / 73.6 against 113.3 / 73.2, and 112.8 / 73.1
   # at lr 8e-3 (round 17).

@@ -466,9 +466,10 @@ class MultiHeadAttention(nnx.Module):
     query row: x.(Wq_h k_hj) + bq_h.k_hj. So is the output: sum over h, j of
     p_hj (v_hj Wo_h). Folding the query and output projections into the
     keys and values of each example (H*Tk columns per example) replaces two
-    F x F products per query position by two F x H*Tk ones: for the class
-    tokens of the UNet (4 tokens, 4 heads, F=256) 8x fewer multiplies in
-    this layer. The parameters are the same ones, so checkpoints do not
+    F x F products per query position by two F x H*Tk ones, for two
+    Tk x F x F products per example: for the UNet's class tokens (4 tokens,
+    4 heads, F=256) at 8x8 positions, 8x fewer multiplies in this layer
+    counting the folding, at 4x4 3.3x. The parameters are the same ones, so checkpoints do not
     change; only rounding differs from the direct form.
     """
     dtype = self.query.dtype or queries.dtype
