@@ -35,6 +35,11 @@ def get_config():
       ),
       kl_weight=1e-5,  # As the original: a near-deterministic, detail-keeping autoencoder.
       reconstruction_loss="l1",
+      # A patch critic against blur (models/critic.py); weight 0 trains none.
+      # `weight` scales the decoder's adversarial gradient to that fraction of
+      # the reconstruction gradient's norm at the decoded images; the critic
+      # trains from step 0, the decoder follows it from `start_step`.
+      adversarial=dict(weight=0.0, start_step=0, critic_channels=64, critic_levels=2),
   )
 
   config.train.batch_size = 128

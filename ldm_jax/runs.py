@@ -36,7 +36,8 @@ def init_model_and_state(stage: base.Stage, config, frozen: Any
                          ) -> tuple[nnx.GraphDef, train_state.TrainState]:
   """A freshly initialised model, split into its graph and a train state."""
   model = stage.build_model(nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-  tx = train_state.make_optimizer(config.optim, config.train.num_steps)
+  tx = train_state.make_optimizer(config.optim, config.train.num_steps,
+                                  stage.clip_separately)
   return train_state.create_train_state(
       model, tx, seed=config.seed, frozen=frozen, keep_ema=stage.ema_schedule is not None)
 
@@ -54,7 +55,8 @@ def init_train_state(stage: base.Stage, config, frozen: Any, sharding
 
 def compile_steps(stage: base.Stage, config, mesh, graphdef: nnx.GraphDef, state_like):
   """The stage's jitted (train_step, eval_step) under the config's optimiser."""
-  tx = train_state.make_optimizer(config.optim, config.train.num_steps)
+  tx = train_state.make_optimizer(config.optim, config.train.num_steps,
+                                  stage.clip_separately)
   schedule = train_state.learning_rate_schedule(config.optim, config.train.num_steps)
   return train_state.compile_steps(
       mesh, graphdef, state_like,

@@ -144,7 +144,8 @@ def _make_health_check(stage, graphdef: nnx.GraphDef, mesh):
   def healthy(state: train_state.TrainState, batch: dict) -> jax.Array:
     model = nnx.merge(graphdef, state.params, state.rest, copy=True)
     model.train()
-    loss, _ = stage.loss(model, state.frozen, batch, jax.random.fold_in(state.rng, state.step))
+    loss, _ = stage.loss(model, state.frozen, train_state.with_step(batch, state.step),
+                         jax.random.fold_in(state.rng, state.step))
     return jnp.isfinite(loss) & _all_finite(state)
 
   # Replicated, so that every process can read the answer.

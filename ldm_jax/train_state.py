@@ -19,6 +19,7 @@ from flax import nnx
 
 from ldm_jax import ema as ema_lib
 from ldm_jax import parallel
+from ldm_jax.stages import base
 
 
 @flax.struct.dataclass
@@ -45,12 +46,32 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> 
       end_value=optim.learning_rate * optim.final_learning_rate_fraction)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """AdamW with warmup + cosine decay, after clipping the global gradient norm."""
-  return optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
-                  weight_decay=optim.weight_decay))
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                   clip_separately: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine decay, after clipping the global gradient norm.
+
+  `clip_separately` names top-level parameter groups (an adversarial critic)
+  whose gradients are clipped by their own norm: a clip shared with the model
+  would let the critic's gradients shrink the model's steps, or the reverse.
+  AdamW is per parameter, so nothing else differs.
+  """
+  def clip_and_adamw():
+    return optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip_norm),
+        optax.adamw(learning_rate_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
+                    weight_decay=optim.weight_decay))
+  if not clip_separately:
+    return clip_and_adamw()
+  rest = "rest"
+  if rest in clip_separately:
+    raise ValueError(f"{rest!r} cannot name a separately clipped group")
+
+  def group_labels(params: nnx.State):
+    def label(path, _):
+      return path[0].key if path[0].key in clip_separately else rest
+    return jax.tree_util.tree_map_with_path(label, params)
+  return optax.multi_transform(
+      {name: clip_and_adamw() for name in (*clip_separately, rest)}, group_labels)
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, *,
@@ -75,6 +96,12 @@ LossFn = Callable[[nnx.Module, Any, dict, jax.Array], tuple[jax.Array, dict]]
 EvalFn = Callable[[nnx.Module, Any, dict, jax.Array], dict]
 
 
+def with_step(batch: dict, step: jax.Array) -> dict:
+  """The train batch as a stage's loss receives it: with the step being taken
+  (base.STEP), for terms that switch on during training."""
+  return dict(batch, **{base.STEP: step})
+
+
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     ema_decay: Callable[[jax.Array], jax.Array] | None):
@@ -91,7 +118,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
       # trace, and NNX allows that only on variables created in it.
       model = nnx.merge(graphdef, params, state.rest, copy=True)
       model.train()
-      loss, metrics = loss_fn(model, state.frozen, batch, rng)
+      loss, metrics = loss_fn(model, state.frozen, with_step(batch, state.step), rng)
       _, _, rest = nnx.split(model, nnx.Param, ...)
       return loss, (metrics, rest)
 

@@ -15,6 +15,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+# The key under which the loop gives `Stage.loss` the step being taken.
+STEP = "step"
+
 
 class Stage(abc.ABC):
   """One kind of training run (the VAE, the latent diffusion model)."""
@@ -29,6 +32,11 @@ class Stage(abc.ABC):
   def ema_schedule(self) -> Callable[[jax.Array], jax.Array] | None:
     """`decay(step)` of the parameter average kept in the state; None keeps none."""
     return None
+
+  @property
+  def clip_separately(self) -> tuple[str, ...]:
+    """Top-level parameter groups whose gradient norm is clipped on its own."""
+    return ()
 
   @abc.abstractmethod
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -55,7 +63,10 @@ class Stage(abc.ABC):
   @abc.abstractmethod
   def loss(self, model: nnx.Module, frozen: Any, batch: dict,
            rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar loss to minimise, and scalar metrics to log."""
+    """Scalar loss to minimise, and scalar metrics to log.
+
+    `batch[STEP]` is the step being taken.
+    """
 
   @abc.abstractmethod
   def eval_metrics(self, model: nnx.Module, frozen: Any, batch: dict,

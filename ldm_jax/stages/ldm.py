@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ldm_jax import data, diffusion, ema, images, models, parallel, sampling
 from ldm_jax.stages import base
+from ldm_jax.stages import vae as vae_stage
 
 # (vae_workdir, step or None) -> (config dict, VAE graphdef, train state).
 VAELoader = Callable[[str, int | None], tuple[dict, nnx.GraphDef, Any]]
@@ -90,7 +91,9 @@ class LDMStage(base.Stage):
     if self._load_vae is None or not self.config.get("vae_checkpoint"):
       raise ValueError("set --config.vae_checkpoint to the workdir of a trained VAE")
     _, _, vae_state = self._load_vae(self.config.vae_checkpoint, self.config.get("vae_step"))
-    vae = dict(params=vae_state.eval_params(), rest=vae_state.rest)
+    # An adversarial VAE run also holds its critic, which the LDM never uses.
+    vae = dict(params=vae_stage.autoencoder_state(vae_state.eval_params()),
+               rest=vae_stage.autoencoder_state(vae_state.rest))
     return dict(vae=vae, latent_scale=self._measure_latent_scale(vae, batches))
 
   def _measure_latent_scale(self, vae: dict, batches: Iterator[dict]) -> jax.Array:
