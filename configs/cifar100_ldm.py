@@ -80,6 +80,9 @@ def get_config():
       # compared at this recipe's size.
       attention_mlp_ratio=0,
       dropout=0.1,
+      # The most groups of any GroupNorm (Stable Diffusion's 32); see
+      # models/layers.DEFAULT_NORM_GROUPS for why narrow models want fewer.
+      norm_groups=32,
   )
 
   config.train.batch_size = 128

@@ -32,6 +32,7 @@ def get_config():
           latent_channels=4,
           latent_dim=128,
           attention=False,
+          norm_groups=32,
       ),
       kl_weight=1e-5,  # As the original: a near-deterministic, detail-keeping autoencoder.
       reconstruction_loss="l1",

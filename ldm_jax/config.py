@@ -100,9 +100,9 @@ def shrink_for_smoke_runs(config: ml_collections.ConfigDict) -> ml_collections.C
 
 # Keys added after runs were saved, with the value those runs used (the
 # code's default then), so that such runs still resume.
-ADDED_KEYS = {"unet.attention_mlp_ratio": 4, "vae.adversarial.weight": 0.0,
-              "vae.adversarial.start_step": 0, "vae.adversarial.critic_channels": 64,
-              "vae.adversarial.critic_levels": 2}
+ADDED_KEYS = {"unet.attention_mlp_ratio": 4, "unet.norm_groups": 32, "vae.model.norm_groups": 32,
+              "vae.adversarial.weight": 0.0, "vae.adversarial.start_step": 0,
+              "vae.adversarial.critic_channels": 64, "vae.adversarial.critic_levels": 2}
 
 
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:

@@ -675,3 +675,20 @@ def test_unet_attention_blocks_without_their_mlp():
 def test_mlp_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     MLPDenoiser(**{**MLP, **kwargs}, rngs=_rngs())
+
+
+@pytest.mark.parametrize("build", [
+    lambda **kw: VAE(**VAE_SPATIAL, **kw, rngs=_rngs()),
+    lambda **kw: UNet(**UNET, **kw, rngs=_rngs()),
+], ids=["vae", "unet"])
+def test_norm_groups_caps_the_groups_of_every_group_norm(build):
+  def groups(model):
+    return sorted({(m.scale.shape[0], m.num_groups) for _, m in nnx.iter_graph(model)
+                   if isinstance(m, GroupNorm)})
+
+  # By default each GroupNorm takes up to 32 groups: at these widths (8 and
+  # 16 channels) one channel per group, an instance norm.
+  assert all(channels == count for channels, count in groups(build()))
+  capped = groups(build(norm_groups=2))
+  assert {count for _, count in capped} == {2}
+  assert {channels for channels, _ in capped} == {channels for channels, _ in groups(build())}

@@ -225,9 +225,16 @@ class GroupNorm(nnx.Module):
                           self.dtype)
 
 
-def group_norm(channels: int, *, dtype=jnp.float32,
+# The most groups a model's GroupNorms have by default: Stable Diffusion's 32.
+# At 32 channels or fewer that is one channel per group, an instance norm,
+# which removes each image's mean and contrast of every channel: models that
+# narrow should pass fewer (`norm_groups`).
+DEFAULT_NORM_GROUPS = 32
+
+
+def group_norm(channels: int, *, max_groups: int = DEFAULT_NORM_GROUPS, dtype=jnp.float32,
                rngs: nnx.Rngs) -> GroupNorm:
-  return GroupNorm(channels, num_groups=num_groups_for(channels),
+  return GroupNorm(channels, num_groups=num_groups_for(channels, max_groups),
                    epsilon=1e-6, dtype=dtype, rngs=rngs)
 
 
@@ -341,15 +348,16 @@ class ResBlock(nnx.Module):
       *,
       emb_dim: int | None = None,
       dropout: float | None = None,
+      norm_groups: int = DEFAULT_NORM_GROUPS,
       dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
-    self.norm1 = group_norm(in_channels, dtype=dtype, rngs=rngs)
+    self.norm1 = group_norm(in_channels, max_groups=norm_groups, dtype=dtype, rngs=rngs)
     self.conv1 = Conv(in_channels, out_channels, (3, 3), dtype=dtype, rngs=rngs)
     self.emb_proj = (
         nnx.Linear(emb_dim, 2 * out_channels, dtype=dtype, rngs=rngs)
         if emb_dim is not None else None)
-    self.norm2 = group_norm(out_channels, dtype=dtype, rngs=rngs)
+    self.norm2 = group_norm(out_channels, max_groups=norm_groups, dtype=dtype, rngs=rngs)
     # `dropout=None` builds no Dropout at all (the VAE: no RNG stream in its
     # state). Any float, even 0.0, builds one, so that a denoiser always has
     # the `deterministic` switch that `nnx.view(model, deterministic=...)`
@@ -523,10 +531,11 @@ class AttentionBlock(nnx.Module):
       num_heads: int = 1,
       context_dim: int | None = None,
       mlp_ratio: int = 4,
+      norm_groups: int = DEFAULT_NORM_GROUPS,
       dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
-    self.norm = group_norm(channels, dtype=dtype, rngs=rngs)
+    self.norm = group_norm(channels, max_groups=norm_groups, dtype=dtype, rngs=rngs)
     self.proj_in = Conv(channels, channels, (1, 1), dtype=dtype, rngs=rngs)
     self.self_norm = nnx.LayerNorm(channels, dtype=dtype, rngs=rngs)
     self.self_attn = MultiHeadAttention(

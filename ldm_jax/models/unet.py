@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ldm_jax.models.layers import (
-    AttentionBlock, Conv, Downsample, ResBlock, Upsample, group_norm, small_init,
+    DEFAULT_NORM_GROUPS, AttentionBlock, Conv, Downsample, ResBlock, Upsample, group_norm, small_init,
     timestep_embedding)
 
 
@@ -64,6 +64,7 @@ class UNet(nnx.Module):
       context_tokens: int = 4,
       attention_mlp_ratio: int = 0,
       dropout: float = 0.1,
+      norm_groups: int = DEFAULT_NORM_GROUPS,
       dtype: str | jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
@@ -121,12 +122,12 @@ class UNet(nnx.Module):
 
     def res(cin, cout):
       return ResBlock(cin, cout, emb_dim=emb_dim, dropout=dropout,
-                      dtype=dtype, rngs=rngs)
+                      norm_groups=norm_groups, dtype=dtype, rngs=rngs)
 
     def attn(width):
       return AttentionBlock(
           width, num_heads=num_heads, context_dim=context_dim,
-          mlp_ratio=attention_mlp_ratio, dtype=dtype, rngs=rngs)
+          mlp_ratio=attention_mlp_ratio, norm_groups=norm_groups, dtype=dtype, rngs=rngs)
 
     self.conv_in = Conv(latent_shape[-1], widths[0], (3, 3), dtype=dtype,
                         rngs=rngs)
@@ -170,7 +171,7 @@ class UNet(nnx.Module):
       up_levels.append(_Level(res_blocks, attn_blocks, upsample))
     self.up_levels = nnx.List(up_levels)
 
-    self.out_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
+    self.out_norm = group_norm(in_ch, max_groups=norm_groups, dtype=dtype, rngs=rngs)
     self.conv_out = Conv(
         in_ch, latent_shape[-1], (3, 3), kernel_init=small_init, dtype=dtype,
         rngs=rngs)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ldm_jax.models.layers import (
-    AttentionBlock, Conv, Downsample, ResBlock, Upsample, group_norm,
+    DEFAULT_NORM_GROUPS, AttentionBlock, Conv, Downsample, ResBlock, Upsample, group_norm,
     small_init)
 
 LATENT_FORMS = ("spatial", "vector")
@@ -96,10 +96,12 @@ class VAE(nnx.Module):
       latent_channels: int = 4,
       latent_dim: int = 128,
       attention: bool = False,
+      norm_groups: int = DEFAULT_NORM_GROUPS,
       dtype: str | jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
     dtype = jnp.dtype(dtype)
+    norm = dict(norm_groups=norm_groups, dtype=dtype, rngs=rngs)
     channel_multipliers = tuple(channel_multipliers)
     if latent not in LATENT_FORMS:
       raise ValueError(
@@ -139,15 +141,15 @@ class VAE(nnx.Module):
     for level, width in enumerate(widths):
       blocks = []
       for _ in range(num_res_blocks):
-        blocks.append(ResBlock(in_ch, width, dtype=dtype, rngs=rngs))
+        blocks.append(ResBlock(in_ch, width, **norm))
         in_ch = width
       enc_blocks.append(nnx.List(blocks))
       if level < len(widths) - 1:
         enc_downs.append(Downsample(in_ch, dtype=dtype, rngs=rngs))
     self.enc_blocks = nnx.List(enc_blocks)
     self.enc_downs = nnx.List(enc_downs)
-    self.enc_mid = _MidBlock(in_ch, attention, dtype=dtype, rngs=rngs)
-    self.enc_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
+    self.enc_mid = _MidBlock(in_ch, attention, **norm)
+    self.enc_norm = group_norm(in_ch, max_groups=norm_groups, dtype=dtype, rngs=rngs)
 
     bottom_features = self.bottom_size ** 2 * in_ch
     if latent == "spatial":
@@ -164,19 +166,19 @@ class VAE(nnx.Module):
                                     rngs=rngs)
 
     # Decoder: mirror image of the encoder.
-    self.dec_mid = _MidBlock(in_ch, attention, dtype=dtype, rngs=rngs)
+    self.dec_mid = _MidBlock(in_ch, attention, **norm)
     dec_blocks, dec_ups = [], []
     for level in reversed(range(len(widths))):
       blocks = []
       for _ in range(num_res_blocks):
-        blocks.append(ResBlock(in_ch, widths[level], dtype=dtype, rngs=rngs))
+        blocks.append(ResBlock(in_ch, widths[level], **norm))
         in_ch = widths[level]
       dec_blocks.append(nnx.List(blocks))
       if level > 0:
         dec_ups.append(Upsample(in_ch, dtype=dtype, rngs=rngs))
     self.dec_blocks = nnx.List(dec_blocks)
     self.dec_ups = nnx.List(dec_ups)
-    self.dec_norm = group_norm(in_ch, dtype=dtype, rngs=rngs)
+    self.dec_norm = group_norm(in_ch, max_groups=norm_groups, dtype=dtype, rngs=rngs)
     self.dec_out = Conv(in_ch, image_channels, (3, 3), dtype=dtype,
                         rngs=rngs)
 
@@ -249,14 +251,14 @@ class _MidBlock(nnx.Module):
   attention over all positions is cheapest.
   """
 
-  def __init__(self, channels: int, attention: bool, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.res1 = ResBlock(channels, channels, dtype=dtype, rngs=rngs)
+  def __init__(self, channels: int, attention: bool, *, norm_groups: int,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    norm = dict(norm_groups=norm_groups, dtype=dtype, rngs=rngs)
+    self.res1 = ResBlock(channels, channels, **norm)
     self.attn = (
-        AttentionBlock(channels, num_heads=1, mlp_ratio=0, dtype=dtype,
-                       rngs=rngs)
+        AttentionBlock(channels, num_heads=1, mlp_ratio=0, **norm)
         if attention else None)
-    self.res2 = ResBlock(channels, channels, dtype=dtype, rngs=rngs)
+    self.res2 = ResBlock(channels, channels, **norm)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.res1(x)
