@@ -99,8 +99,7 @@ def test_each_part_of_the_loss_trains_only_its_own_parameters(tiny_data_dir):
   close(before_critic, expected_critic)
   after_autoencoder, after_critic = grads_at(5)
   close(after_critic, expected_critic)  # The decoder's term never reaches the critic.
-  # ...but moves the decoder and not the encoder's posterior layer more than
-  # the reconstruction path does: the decoder's output conv changes.
+  # ...but it does reach the autoencoder: the decoder's output conv moves.
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                        after_autoencoder, before_autoencoder)
   assert moved["dec_out"]["kernel"].value > 1e-4 * float(
@@ -154,10 +153,14 @@ def test_adversarial_vae_run_and_an_ldm_on_it(tiny_data_dir, tmp_path):
     np.testing.assert_array_equal(leaf, autoencoder_leaves[path], err_msg=path)
 
 
-def test_vae_runs_saved_before_the_adversarial_term_still_resume(tiny_data_dir):
+def test_vae_runs_saved_before_the_adversarial_term_and_norm_groups_still_resume(tiny_data_dir):
   config = vae_config(tiny_data_dir)
   saved = config_lib.to_json(config)
-  del saved["vae"]["adversarial"]  # As written before the key existed: no critic.
+  # As written before the keys existed: no critic, 32 groups per GroupNorm.
+  del saved["vae"]["adversarial"]
+  del saved["vae"]["model"]["norm_groups"]
   assert config_lib.incompatible_keys(saved, config) == []
   config.vae.adversarial.weight = 0.1
-  assert config_lib.incompatible_keys(saved, config) == ["vae.adversarial.weight"]
+  config.vae.model.norm_groups = 8
+  assert config_lib.incompatible_keys(saved, config) == [
+      "vae.adversarial.weight", "vae.model.norm_groups"]
