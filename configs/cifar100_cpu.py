@@ -11,12 +11,14 @@ this machine (docs/results.md has the table, losers included).
 Reached (2 CPU cores, 1 device; docs/results.md):
   round 22, v-prediction with Min-SNR-5 weighting, the LDM trained at
     ad32dc7 with those overrides on the VAE that the main-job command
-    trained there (runs/base22/vae, final16's to every digit; runs/vminsnr5):
-    FID-512 101.1, FID-2k 62.0, VAE reconstruction FID-2k 32.1; training
-    seed 1: 103.7 / 62.0 (eps: 103.3 / 63.3 and 107.5 / 66.5). The same
-    steps and batch as round 21, so the same cost; its wall time was not
-    measured alone (two runs shared the cores; round 22's machine ran the
-    VAE stage 1.26x slower than final16's).
+    trained there (runs/base22/vae, test PSNR 29.16 dB as final16's; its
+    reconstruction FID-2k, 32.1, is round 21's, not measured again;
+    runs/vminsnr5): FID-512 101.1, FID-2k 62.0; training seed 1: 103.7 /
+    62.0 (eps: 103.3 / 63.3 and 107.5 / 66.5). The same steps and batch as
+    round 21. The committed recipe at 0b7ef16 on the same VAE, alone
+    (runs/check22): the same FIDs to every digit; LDM 22.6 + samples 1.5 +
+    FID 2.0 min (sample FIDs only), VAE 9.1 min (runs/base22) on a machine
+    that ran the VAE stage 1.26x slower than final16's.
   round 21, GroupNorms of four channels per group in both stages
     (norm_groups=8; 32 groups had made every 32-wide norm an instance norm,
     which lost each image's mean colour), the stages trained at 6499a0b
